@@ -9,7 +9,7 @@ import os
 from cifar_jax import data_sources, models, optimizers, parallel, step
 from cifar_jax.errors import UserError
 
-INPUT_PIPELINES = ('host',)
+INPUT_PIPELINES = ('host', 'device')
 
 
 def _choice(config, field, choices):
@@ -36,13 +36,33 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
   _choice(config, 'optimizer', optimizers.OPTIMIZERS)
   _choice(config, 'lr_schedule', optimizers.SCHEDULES)
   for field in ('batch_size', 'eval_batch_size', 'log_every_steps', 'eval_every_steps',
-                'checkpoint_every_steps', 'checkpoint_max_to_keep', 'learning_rate'):
+                'checkpoint_every_steps', 'checkpoint_max_to_keep', 'learning_rate',
+                'steps_per_dispatch'):
     _positive(config, field)
   for field in ('warmup_epochs', 'weight_decay', 'momentum', 'cutout', 'num_synthetic_examples'):
     _positive(config, field, allow_zero=True)
   if config.parallelism == 'pmap' and process_count > 1:
     raise UserError(f'config.parallelism=pmap runs in one process only, but this job has '
                     f'{process_count}; use --config.parallelism=shard_map (or jit)')
+  for field in ('steps_per_dispatch', 'log_every_steps', 'eval_every_steps',
+                'checkpoint_every_steps'):
+    if int(config.get(field)) != config.get(field):
+      raise UserError(f'config.{field}={config.get(field)!r} must be an integer')
+  # TensorFlow only feeds the host pipeline and the tfds source; without it, say so now.
+  if config.input_pipeline == 'host':
+    try:
+      data_sources.import_tensorflow()
+    except ImportError as e:
+      raise UserError(f'config.input_pipeline=host needs TensorFlow ({e}); install it '
+                      '(pip install -r requirements.txt) or use --config.input_pipeline=device') \
+          from None
+  if config.data_source == 'tfds':
+    try:
+      import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel
+    except ImportError as e:
+      raise UserError(f'config.data_source=tfds needs TensorFlow Datasets ({e}); install it '
+                      '(pip install -r requirements.txt) or use --config.data_source=archive '
+                      'with --config.data_dir=<folder with the CIFAR .tar.gz>') from None
   for field in ('batch_size',):  # eval_batch_size is rounded up to fit (eval pads anyway).
     value = config.get(field)
     if int(value) != value:
@@ -80,7 +100,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
 RESUME_SAFE_FIELDS = frozenset({
     'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'checkpoint_max_to_keep',
     'checkpoint_step', 'num_epochs', 'num_train_steps', 'data_dir', 'eval_batch_size',
-    'parallelism',
+    'parallelism', 'steps_per_dispatch', 'compilation_cache_dir',
 })
 
 

@@ -21,6 +21,10 @@ from cifar_jax.errors import UserError
 SOURCES = ('tfds', 'archive', 'synthetic')
 SPLIT_SIZES = {'train': 50_000, 'test': 10_000}
 NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
+MEAN_STD = {  # Per-channel mean and standard deviation of the train split, in [0, 1].
+    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
 
 
 class Split(NamedTuple):
@@ -175,6 +179,17 @@ def _decode_py(dataset: str, blob: bytes):
 
 
 # --- TFDS ----------------------------------------------------------------------
+def import_tensorflow():
+  """Imports TensorFlow for the host input pipeline only, hiding accelerators from it."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for kind in ('GPU', 'TPU'):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except (RuntimeError, ValueError):  # Already initialized, or no such kind.
+      pass
+  return tf
+
+
 def _network_reachable(host='storage.googleapis.com', port=443, timeout=3.0) -> bool:
   """True if `host` answers within `timeout` seconds (DNS included)."""
   def connect():
@@ -191,9 +206,8 @@ def _network_reachable(host='storage.googleapis.com', port=443, timeout=3.0) -> 
 
 def from_tfds(dataset: str, split: str, data_dir: str) -> Split:
   """`tfds.load` from `data_dir` (TFDS's default when empty); downloads only when online."""
+  import_tensorflow()  # Before TFDS imports it: hides accelerators from TensorFlow.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from cifar_jax import input_pipeline  # Hides accelerators from TensorFlow.
-  input_pipeline.import_tensorflow()
   kwargs = dict(split=split, data_dir=data_dir or None, as_supervised=True)
   try:
     ds = tfds.load(dataset, download=False, **kwargs)

@@ -15,25 +15,9 @@ from typing import Iterator
 
 import numpy as np
 
-from cifar_jax.data_sources import Split
-
-MEAN_STD = {
-    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
+from cifar_jax.data_sources import MEAN_STD, Split, import_tensorflow
 PAD = 4  # Random-crop padding in pixels.
 _SHUFFLE, _CROP, _FLIP, _CUTOUT = range(4)  # Independent stateless streams.
-
-
-def import_tensorflow():
-  """Imports TensorFlow for the input pipeline only, hiding accelerators from it."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  for kind in ('GPU', 'TPU'):
-    try:
-      tf.config.set_visible_devices([], kind)
-    except (RuntimeError, ValueError):  # Already initialized, or no such kind.
-      pass
-  return tf
 
 
 def normalize(images: np.ndarray, dataset: str) -> np.ndarray:

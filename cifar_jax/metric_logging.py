@@ -1,48 +1,32 @@
-"""Metric writers: TensorBoard events and console (clu) plus `metrics.jsonl`.
+"""Metric writers: console, TensorBoard events and `metrics.jsonl`; a progress line.
 
 `metrics.jsonl` holds one JSON object per line, {"step": N, "<metric>": value,
 ...}, so runs can be compared with nothing but the standard library.
+
+TensorBoard events are written with the `tensorboard` package's own writer,
+not clu's or tf.summary: both import TensorFlow, which a training run must not
+need (GPU images commonly ship JAX without it).
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 
-from clu import metric_writers
+from absl import logging
 
 
-class JsonlWriter(metric_writers.MetricWriter):
+class JsonlWriter:
   """Appends scalars to `<workdir>/metrics.jsonl`, one line per write."""
 
   def __init__(self, path: str):
     self._file = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
 
-  def write_scalars(self, step, scalars):
+  def write_scalars(self, step: int, scalars: dict):
     record = {'step': int(step)}
     record.update({k: float(v) for k, v in scalars.items()})
     self._file.write(json.dumps(record) + '\n')
     self._file.flush()
-
-  def write_summaries(self, step, values, metadata=None):
-    pass
-
-  def write_images(self, step, images):
-    pass
-
-  def write_videos(self, step, videos):
-    pass
-
-  def write_audios(self, step, audios, *, sample_rate):
-    pass
-
-  def write_texts(self, step, texts):
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
-
-  def write_hparams(self, hparams):
-    pass
 
   def flush(self):
     self._file.flush()
@@ -51,11 +35,84 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._file.close()
 
 
-def create_writer(workdir: str, is_main_process: bool = True) -> metric_writers.MetricWriter:
+class TensorBoardWriter:
+  """Scalars as TensorBoard event files in `logdir` (`tensorboard --logdir=...`).
+
+  The `tensorboard` package writes them on a background thread; it needs no
+  TensorFlow.
+  """
+
+  def __init__(self, logdir: str):
+    from tensorboard import summary  # pylint: disable=g-import-not-at-top
+    self._writer = summary.Writer(logdir)
+
+  def write_scalars(self, step: int, scalars: dict):
+    for tag, value in scalars.items():
+      self._writer.add_scalar(tag, float(value), int(step))
+
+  def flush(self):
+    self._writer.flush()
+
+  def close(self):
+    self._writer.close()
+
+
+class LoggingWriter:
+  """Scalars as one console (absl) line per write."""
+
+  def write_scalars(self, step: int, scalars: dict):
+    logging.info('[%d] %s', step, ', '.join(f'{k}={v:.6g}' for k, v in sorted(scalars.items())))
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+class MultiWriter:
+  def __init__(self, writers):
+    self._writers = list(writers)
+
+  def write_scalars(self, step: int, scalars: dict):
+    for w in self._writers:
+      w.write_scalars(step, scalars)
+
+  def flush(self):
+    for w in self._writers:
+      w.flush()
+
+  def close(self):
+    for w in self._writers:
+      w.close()
+
+
+def create_writer(workdir: str, is_main_process: bool = True) -> MultiWriter:
   """Console everywhere; TensorBoard and metrics.jsonl from the main process only."""
   if not is_main_process:
-    return metric_writers.create_default_writer(None, just_logging=True)
-  return metric_writers.MultiWriter([
-      metric_writers.create_default_writer(workdir, asynchronous=True),
-      JsonlWriter(os.path.join(workdir, 'metrics.jsonl')),
-  ])
+    return MultiWriter([LoggingWriter()])
+  writers = [LoggingWriter(), JsonlWriter(os.path.join(workdir, 'metrics.jsonl'))]
+  try:
+    writers.append(TensorBoardWriter(workdir))
+  except ImportError as e:
+    logging.warning('No TensorBoard events (%s); pip install tensorboard to get them.', e)
+  return MultiWriter(writers)
+
+
+class ProgressReporter:
+  """Logs `step N/T (x%), steps/sec, ETA` at most every `every_secs` seconds."""
+
+  def __init__(self, start_step: int, total_steps: int, every_secs: float = 30.0):
+    self._total = total_steps
+    self._every = every_secs
+    self._last_step, self._last_time = start_step, time.perf_counter()
+
+  def __call__(self, step: int):
+    now = time.perf_counter()
+    if now - self._last_time < self._every and step != self._total:
+      return
+    rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    eta = (self._total - step) / rate if rate > 0 else float('inf')
+    logging.info('Step %d/%d (%.1f%%): %.2f steps/sec, ETA %.1f min', step, self._total,
+                 100.0 * step / self._total, rate, eta / 60)
+    self._last_step, self._last_time = step, now

@@ -1,8 +1,10 @@
 """Data-parallel backends: the same pure step under pmap, shard_map or jit.
 
-A `Backend` owns the device mesh, places train states and batches on it and
-compiles `step.train_step` / `step.eval_step` for it. All three give the same
-numbers: BatchNorm statistics, loss and metrics are global-batch values.
+A `Backend` owns the device mesh, places train states, batches and the
+device-resident dataset on it and compiles `step.train_step` /
+`step.eval_step` and the many-steps-per-call `dispatch` functions for it. All
+three give the same numbers: BatchNorm statistics, loss and metrics are
+global-batch values.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cifar_jax import step as step_lib
+from cifar_jax import dispatch, step as step_lib
 
 BACKENDS = ('pmap', 'shard_map', 'jit')
 AXIS = 'data'
@@ -41,6 +43,7 @@ class Backend:
     self.mesh = jax.sharding.Mesh(np.array(self.devices), (AXIS,))
     self.replicated = NamedSharding(self.mesh, P())
     self.sharded = NamedSharding(self.mesh, P(AXIS))
+    self._dispatch_cache = {}
     if parallelism == 'pmap':
       self._train = jax.pmap(functools.partial(step_lib.train_step, axis_name=AXIS, sync_grads=True),
                              axis_name=AXIS, devices=self.devices, donate_argnums=(0,))
@@ -79,12 +82,16 @@ class Backend:
               for k, v in batch.items()}
     return {k: jax.make_array_from_process_local_data(self.sharded, v) for k, v in batch.items()}
 
-  def prefetch(self, batches: Iterable[dict], size: int = 2) -> Iterator[dict]:
-    """Keeps `size` batches in flight to the devices so steps never wait on a copy."""
+  def prefetch(self, batches: Iterable[dict], size: int = 2, put=None) -> Iterator[dict]:
+    """Keeps `size` batches in flight to the devices so steps never wait on a copy.
+
+    `put` places one host batch (default `put_batch`; `put_batches` for blocks).
+    """
+    put = put or self.put_batch
     queue = collections.deque()
     iterator = iter(batches)
     for batch in iterator:
-      queue.append(self.put_batch(batch))
+      queue.append(put(batch))
       if len(queue) > size:
         yield queue.popleft()
     while queue:
@@ -96,6 +103,98 @@ class Backend:
 
   def eval_step(self, state, batch):
     return self._eval(state, batch)
+
+  # --- many steps per call (dispatch.py) ----------------------------------------
+  def _compile(self, fn, kinds, out_kinds, donate=()):
+    """Compiles per-device/global `fn(*args, axis_name=..)` for this backend.
+
+    `kinds` names each argument's layout: 'state' (replicated; leading device axis
+    under pmap), 'batches' ([k, B, ...] split along B), 'data' (whole on every
+    device) or 'scalar' (a replicated scalar; broadcast under pmap).
+    """
+    if self.name == 'pmap':
+      axes = {'state': 0, 'batches': 0, 'data': 0, 'scalar': None}
+      return jax.pmap(functools.partial(fn, axis_name=AXIS), axis_name=AXIS,
+                      devices=self.devices, in_axes=tuple(axes[k] for k in kinds),
+                      donate_argnums=donate)
+    specs = {'state': P(), 'batches': P(None, AXIS), 'data': P(), 'scalar': P()}
+    if self.name == 'shard_map':
+      mapped = jax.shard_map(functools.partial(fn, axis_name=AXIS), mesh=self.mesh,
+                             in_specs=tuple(specs[k] for k in kinds),
+                             out_specs=tuple(specs[k] for k in out_kinds), check_vma=True)
+      return jax.jit(mapped, donate_argnums=donate)
+    shardings = lambda ks: tuple(NamedSharding(self.mesh, specs[k]) for k in ks)
+    constrain = lambda tree: jax.lax.with_sharding_constraint(tree, self.sharded)
+    return jax.jit(functools.partial(fn, axis_name=None, constrain=constrain),
+                   in_shardings=shardings(kinds), out_shardings=shardings(out_kinds),
+                   donate_argnums=donate)
+
+  def train_dispatch(self, pipeline: str, config):
+    """Compiled `(state, carry, feed, num_steps, poison_step) -> (state, carry)`.
+
+    `feed` is a block of host batches (`put_batches`) or the device-resident
+    train split (`put_data`); see `dispatch.train_steps`.
+    """
+    key = ('train', pipeline)
+    if key not in self._dispatch_cache:
+      sync = self.name == 'pmap'
+
+      def fn(state, carry, feed, num_steps, poison_step, axis_name, constrain=None):
+        make_batch = dispatch.make_batch_fn(pipeline, config, axis_name, constrain)
+        return dispatch.train_steps(state, carry, feed, num_steps, poison_step,
+                                    make_batch=make_batch, axis_name=axis_name, sync_grads=sync)
+
+      feed_kind = 'batches' if pipeline == 'host' else 'data'
+      self._dispatch_cache[key] = self._compile(
+          fn, ('state', 'state', feed_kind, 'scalar', 'scalar'), ('state', 'state'), donate=(0, 1))
+    return self._dispatch_cache[key]
+
+  def eval_dispatch(self, config):
+    """Compiled `(state, test_data) -> sums` over the whole device-resident test split."""
+    if 'eval' not in self._dispatch_cache:
+      batch_size = self.eval_batch_size(config.eval_batch_size)
+
+      def fn(state, feed, axis_name, constrain=None):
+        return (dispatch.eval_all(state, feed, batch_size=batch_size, dataset=config.dataset,
+                                  axis_name=axis_name, constrain=constrain),)
+
+      compiled = self._compile(fn, ('state', 'data'), ('state',))
+      self._dispatch_cache['eval'] = lambda state, feed: compiled(state, feed)[0]
+    return self._dispatch_cache['eval']
+
+  def eval_batch_size(self, requested: int) -> int:
+    """`requested` rounded up to a multiple of the device count (the padding is masked)."""
+    return -(-requested // self.num_devices) * self.num_devices
+
+  def put_data(self, arrays: dict) -> dict:
+    """Host numpy arrays -> one whole copy on every device (each process fills only its own
+    devices; every process must pass the same arrays)."""
+    def put(x):
+      x = np.asarray(x)
+      if self.name == 'pmap':
+        return jax.make_array_from_callback((self.num_devices,) + x.shape, self.sharded,
+                                            lambda index: x[None])
+      return jax.make_array_from_callback(x.shape, self.replicated, lambda index: x)
+    return {k: put(v) for k, v in arrays.items()}
+
+  def put_batches(self, block: dict) -> dict:
+    """This process's slices of k global batches {'image': [k, b, ...], ...} -> device arrays."""
+    if self.name == 'pmap':
+      return {k: jax.device_put(
+          np.swapaxes(v.reshape((v.shape[0], self.num_devices, -1) + v.shape[2:]), 0, 1),
+          self.sharded) for k, v in block.items()}
+    sharding = NamedSharding(self.mesh, P(None, AXIS))
+    return {k: jax.make_array_from_process_local_data(
+        sharding, v, (v.shape[0], v.shape[1] * jax.process_count()) + v.shape[2:])
+            for k, v in block.items()}
+
+  def put_scalar(self, value: int):
+    """An int32 scalar argument of the compiled dispatches (replicated; cached by value)."""
+    if ('scalar', value) not in self._dispatch_cache:
+      x = np.asarray(value, np.int32)
+      self._dispatch_cache[('scalar', value)] = x if self.name == 'pmap' else \
+          jax.make_array_from_callback((), self.replicated, lambda index: x)
+    return self._dispatch_cache[('scalar', value)]
 
   def to_host(self, tree) -> dict:
     """Device metrics -> Python floats (the only device-to-host sync)."""

@@ -1,9 +1,11 @@
 """The training loop: `train_and_evaluate(config, workdir)`, readable top to bottom.
 
-Also `evaluate_checkpoint(config, workdir)` for `--mode=eval`.
+Also `evaluate_checkpoint(config, workdir)` for `--mode=eval`. Needs no
+TensorFlow with `input_pipeline=device` and the archive or synthetic source.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -11,11 +13,12 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
-from clu import periodic_actions
 
-from cifar_jax import (checkpointing, config_checks, data_sources, input_pipeline,
-                       metric_logging, optimizers, parallel, preemption, step as step_lib)
+from cifar_jax import (checkpointing, compilation_cache, config_checks, data_sources,
+                       device_pipeline, dispatch, metric_logging, optimizers, parallel,
+                       preemption, step as step_lib)
 from cifar_jax.errors import UserError
 
 # Test-only fault injection, e.g. CIFAR_JAX_TEST_FAULT=nan@5 (NaN images at step 5) or
@@ -27,21 +30,32 @@ def _fault(kind: str, step: int) -> bool:
   return _FAULT == f'{kind}@{step}'
 
 
-def evaluate(backend: parallel.Backend, state, data: data_sources.Split, config) -> dict:
+def _fault_step(kind: str) -> int:
+  return int(_FAULT.split('@')[1]) if _FAULT.startswith(kind + '@') else -1
+
+
+def evaluate(backend: parallel.Backend, state, data: data_sources.Split, config,
+             test_feed: dict | None = None) -> dict:
   """Top-1/top-5 accuracy and loss over exactly every example of `data`.
 
-  The eval batch is rounded up to a multiple of the device count; the padding
-  is masked, so the result does not depend on it. With several processes each
-  reads its slice of every batch; the sums are global arrays, so every process
-  gets the totals over the whole split.
+  With `test_feed` (the device-resident test split) one compiled call does the
+  whole eval; otherwise host batches are fed one by one. The eval batch is
+  rounded up to a multiple of the device count; the padding is masked, so the
+  result does not depend on it. With several processes each reads its slice of
+  every batch; the sums are global arrays, so every process gets the totals over
+  the whole split.
   """
-  batch_size = -(-config.eval_batch_size // backend.num_devices) * backend.num_devices
-  totals = None
-  local = input_pipeline.eval_batches(data, config.dataset, batch_size, jax.process_index(),
-                                      jax.process_count())
-  for batch in backend.prefetch(local):
-    sums = backend.eval_step(state, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if test_feed is not None:
+    totals = backend.eval_dispatch(config)(state, test_feed)
+  else:
+    from cifar_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    batch_size = backend.eval_batch_size(config.eval_batch_size)
+    totals = None
+    local = input_pipeline.eval_batches(data, config.dataset, batch_size, jax.process_index(),
+                                        jax.process_count())
+    for batch in backend.prefetch(local):
+      sums = backend.eval_step(state, batch)
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = backend.to_host(totals)
   count = totals['count']
   metrics = {'eval_loss': totals['loss_sum'] / count,
@@ -52,14 +66,30 @@ def evaluate(backend: parallel.Backend, state, data: data_sources.Split, config)
   return metrics
 
 
-@jax.jit
-def _accumulate(sums, first_bad, metrics, step):
-  """Device-side, one dispatch per step: adds `metrics` into `sums` (None = start anew) and
-  tracks the first step whose loss or gradient norm was NaN/Inf (-1 if none)."""
-  bad = ~jnp.all(jnp.isfinite(metrics['train_loss']) & jnp.isfinite(metrics['grad_norm']))
-  first_bad = jnp.where((first_bad < 0) & bad, step, first_bad)
-  sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-  return sums, first_bad
+def _put_on_devices(backend: parallel.Backend, *splits: data_sources.Split) -> list[dict]:
+  """`splits` whole on every device, or an `error:` line (before any copy) if they would
+  not fit in device memory."""
+  problem = device_pipeline.check_fits(device_pipeline.nbytes(*(a for s in splits for a in s)),
+                                       jax.local_devices()[0].memory_stats())
+  if problem:
+    raise UserError(f'config.input_pipeline=device: {problem}; use '
+                    '--config.input_pipeline=host (tf.data on the host) instead')
+  return [backend.put_data({'images': s.images, 'labels': s.labels}) for s in splits]
+
+
+def _host_blocks(train_data, config, start_step: int, sizes: list[int], k: int):
+  """Blocks of host batches for the dispatches `sizes`, each [k, b, ...] (zero-padded)."""
+  from cifar_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  batches = input_pipeline.train_batches(train_data, config, start_step,
+                                         start_step + sum(sizes), jax.process_index(),
+                                         jax.process_count())
+  for n in sizes:
+    block = [next(batches) for _ in range(n)]
+    stacked = {}
+    for key in block[0]:
+      x = np.stack([b[key] for b in block])
+      stacked[key] = np.concatenate([x, np.zeros((k - n,) + x.shape[1:], x.dtype)]) if n < k else x
+    yield stacked
 
 
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
@@ -79,8 +109,11 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     if changed:
       logging.warning('Resuming with changed config fields: %s', ', '.join(changed))
   os.makedirs(workdir, exist_ok=True)
-  logging.info('JAX %s: %d devices (%s) in %d process(es), backend %s', jax.__version__,
-               len(devices), devices[0].platform, jax.process_count(), config.parallelism)
+  cache = compilation_cache.configure(config.compilation_cache_dir)
+  logging.info('JAX %s: %d devices (%s) in %d process(es), backend %s, %s input pipeline, '
+               '%d steps per dispatch, compilation cache %s', jax.__version__, len(devices),
+               devices[0].platform, jax.process_count(), config.parallelism,
+               config.input_pipeline, config.steps_per_dispatch, cache or 'off')
 
   # --- input ---
   train_data = data_sources.load(config, 'train')
@@ -91,9 +124,12 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   if steps_per_epoch == 0:
     raise UserError(f'config.batch_size={config.batch_size} exceeds the {num_train} training '
                     'examples; lower it')
+  backend = parallel.Backend(config.parallelism, devices)
+  on_device = config.input_pipeline == 'device'
+  train_feed, test_feed = _put_on_devices(backend, train_data, test_data) if on_device \
+      else (None, None)
 
   # --- model, optimizer and train state ---
-  backend = parallel.Backend(config.parallelism, devices)
   state = step_lib.create_train_state(config, jax.random.key(config.seed), num_train)
 
   # --- checkpoint: resume from the newest intact one ---
@@ -115,11 +151,10 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     os.replace(config_path + '.tmp', config_path)  # Atomic: other processes may be reading it.
     logging.info('%d train / %d test examples; %d steps/epoch, %d steps in all.', num_train,
                  len(test_data.labels), steps_per_epoch, total_steps)
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                           every_secs=30)
+  report = metric_logging.ProgressReporter(start_step, total_steps)
 
   def check_finite():
-    bad = int(first_bad)
+    bad = int(np.asarray(jax.device_get(carry['first_bad'])).reshape(-1)[0])
     if bad >= 0:
       kept = f'{manager.directory}/{last_saved}' if last_saved is not None else 'none yet'
       raise UserError(f'non-finite loss or gradient norm at step {bad}; stopped without saving '
@@ -134,35 +169,46 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     if _fault('kill_in_save', step):
       os.kill(os.getpid(), signal.SIGKILL)
 
-  # --- loop ---
-  batches = backend.prefetch(input_pipeline.train_batches(
-      train_data, config, start_step, total_steps, jax.process_index(), jax.process_count()))
-  eval_metrics, result = {}, None
-  first_bad = jnp.int32(-1)
-  sums, summed_steps, t_log = None, 0, time.perf_counter()
+  # --- loop: one compiled call per dispatch of up to `steps_per_dispatch` steps ---
+  k = int(config.steps_per_dispatch)
+  sizes = dispatch.schedule(start_step, total_steps, k, (
+      config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps))
+  run_steps = backend.train_dispatch(config.input_pipeline, config)
+  feeds = itertools.repeat(train_feed) if on_device else \
+      backend.prefetch(_host_blocks(train_data, config, start_step, sizes, k), put=backend.put_batches)
+  poison = backend.put_scalar(_fault_step('nan'))
+  carry = backend.put_state(dispatch.new_carry())
+  eval_metrics, result, compile_seconds = {}, None, None
+  summed_steps, t_log = 0, time.perf_counter()
   step = start_step
   with preemption.PreemptionGuard() as guard:
     try:
-      for step in range(start_step + 1, total_steps + 1):
-        batch = next(batches)
-        if _fault('nan', step):
-          batch = dict(batch, image=batch['image'] * jnp.nan)
-        state, metrics = backend.train_step(state, batch)
-        sums, first_bad = _accumulate(sums, first_bad, metrics, step)
-        summed_steps += 1
+      for n in sizes:
+        t_dispatch = time.perf_counter()
+        state, carry = run_steps(state, carry, next(feeds), backend.put_scalar(n), poison)
+        if compile_seconds is None:  # The first dispatch is one step: compile + one step.
+          jax.block_until_ready(carry)
+          compile_seconds = time.perf_counter() - t_dispatch
+          logging.info('First step (compile included): %.2f s.', compile_seconds)
+        step += n
+        summed_steps += n
         report(step)
         if step % config.log_every_steps == 0 or step == total_steps:
           check_finite()
-          host = {k: v / summed_steps for k, v in backend.to_host(sums).items()}  # Syncs here only.
+          sums = backend.to_host(carry['sums'])  # Syncs here only.
+          host = {k: v / summed_steps for k, v in sums.items()}
           host['images_per_sec'] = summed_steps * config.batch_size / (time.perf_counter() - t_log)
           host['epoch'] = step / steps_per_epoch
+          if compile_seconds >= 0:  # In the first train record of this launch only.
+            host['compile_seconds'] = compile_seconds
+            compile_seconds = -1.0
           writer.write_scalars(step, host)
-          sums, summed_steps = None, 0
+          carry = backend.put_state(dispatch.new_carry())
+          summed_steps = 0
           t_log = time.perf_counter()
         if step % config.eval_every_steps == 0 or step == total_steps:
           check_finite()
-          with report.timed('eval'):
-            eval_metrics = evaluate(backend, state, test_data, config)
+          eval_metrics = evaluate(backend, state, test_data, config, test_feed)
           writer.write_scalars(step, eval_metrics)
           checkpointing.save(best_manager, backend.get_state(state), step, metrics=eval_metrics)
           t_log = time.perf_counter()
@@ -179,7 +225,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
 
       # Still inside the guard: a second Ctrl-C while the last save finishes exits at once.
       if result is None and not eval_metrics:  # Nothing left to train: still report the eval.
-        eval_metrics = evaluate(backend, state, test_data, config)
+        eval_metrics = evaluate(backend, state, test_data, config, test_feed)
         writer.write_scalars(total_steps, eval_metrics)
     finally:
       # Also on an error (e.g. NaN): a save in flight must land before the process exits,
@@ -200,8 +246,10 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   directory = checkpointing.checkpoints_dir(workdir)
   if not os.path.isdir(directory):
     raise UserError(f'{directory} does not exist; train first, or point --workdir at a run')
+  compilation_cache.configure(config.compilation_cache_dir)
   test_data = data_sources.load(config, 'test')
   backend = parallel.Backend(config.parallelism, devices)
+  test_feed = _put_on_devices(backend, test_data)[0] if config.input_pipeline == 'device' else None
   template = step_lib.create_train_state(config, jax.random.key(config.seed))
   manager = checkpointing.open_read_only(workdir)
   wanted = config.checkpoint_step if config.checkpoint_step >= 0 else None
@@ -209,7 +257,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   if state is None:
     raise UserError(f'{directory} holds no checkpoint; train first')
   step = int(state.step)
-  metrics = evaluate(backend, backend.put_state(state), test_data, config)
+  metrics = evaluate(backend, backend.put_state(state), test_data, config, test_feed)
   logging.info('Eval of %s/%d%s: %s', directory, step,
                ' (EMA weights)' if state.ema_params is not None else '', metrics)
   manager.close()

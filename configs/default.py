@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = 'cifar10'         # cifar10 | cifar100.
   config.data_source = 'tfds'        # tfds | archive (official CIFAR downloads, offline) | synthetic.
   config.data_dir = ''               # tfds data_dir, or the folder/file holding the CIFAR archive.
-  config.input_pipeline = 'host'     # host (tf.data on the CPU host).
+  config.input_pipeline = 'host'     # host (tf.data on the CPU host) | device (data and augmentation on the devices; no TensorFlow).
   config.cutout = 0                  # Cutout square side in pixels (0 = off).
   config.num_synthetic_examples = 0  # Train-split size for data_source=synthetic (0 = the real size).
   # --- length, batch and seed ---
@@ -24,6 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0                    # Seeds init, shuffling and augmentation.
   # --- parallelism ---
   config.parallelism = 'jit'         # pmap | shard_map | jit (with NamedSharding).
+  config.steps_per_dispatch = 1      # Train steps per compiled call (same results for any value).
+  config.compilation_cache_dir = '~/.cache/cifar_jax'  # JAX's persistent compilation cache ('' = off).
   # --- optimization ---
   config.optimizer = 'sgd'           # sgd | adamw | lars.
   config.learning_rate = 0.1         # Peak LR for a global batch of 256; scaled linearly with batch_size.

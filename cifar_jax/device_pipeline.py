@@ -1,0 +1,140 @@
+"""Device input pipeline: the dataset lives on the devices; batches are made inside the step.
+
+The uint8 train and test splits are put on every device once (CIFAR-10's train
+split is 150 MiB). Each train step then picks its examples and applies crop,
+flip and cutout in the compiled step itself, so no host work, no host-to-device
+copy and no TensorFlow stand between two steps: what airbench does on a GPU.
+
+Batch `s` is a pure function of (seed, s), never of device count, process
+count or backend, so resumes and topology changes are exact:
+
+- The epoch's order is a pseudo-random *permutation* of the examples keyed by
+  (seed, epoch), evaluated only at the positions a step needs: a Feistel
+  network over the next power of four with cycle walking (the same idea as
+  `tf.random.experimental.index_shuffle`). No 50,000-element sort per step, and
+  a device computes only its own rows.
+- Crop offsets, flips and cutout centres come from `jax.random` keys folded
+  from (seed, step, position of the example in the global batch).
+
+Same semantics as the host pipeline (zero-padded 4-pixel random crop, flip with
+probability 1/2, optional cutout to 0 after normalization, last partial batch of
+an epoch dropped), with JAX's random numbers instead of TensorFlow's: the two
+pipelines give different (equally distributed) batches.
+
+Everything here is pure JAX over arrays and needs no TensorFlow.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cifar_jax.data_sources import MEAN_STD
+
+PAD = 4                    # Random-crop padding in pixels (as the host pipeline).
+FEISTEL_ROUNDS = 6         # Luby-Rackoff: 4 rounds of random functions already give a PRP.
+MEMORY_FRACTION = 0.5      # The data may take at most this share of a device's memory.
+_SHUFFLE, _AUGMENT = 0, 1  # Independent streams of the seed.
+
+
+# --- the permutation ---------------------------------------------------------------
+def _half_bits(n: int) -> int:
+  """Bits of each Feistel half: the domain 4**h is the smallest power of four >= n."""
+  return max(1, math.ceil(math.log2(max(n, 2)) / 2))
+
+
+def shuffled_index(key: jax.Array, positions: jax.Array, n: int) -> jax.Array:
+  """perm[positions] for the permutation of range(n) that `key` selects.
+
+  A balanced Feistel network whose round functions are random tables (drawn
+  from `key`) is a bijection of [0, 4**h); applying it again until the value
+  falls below `n` (cycle walking) restricts it to a bijection of [0, n). The
+  expected number of walks is 4**h / n < 4. Cost: O(len(positions)).
+  """
+  h = _half_bits(n)
+  mask = jnp.uint32((1 << h) - 1)
+  tables = jax.random.randint(key, (FEISTEL_ROUNDS, 1 << h), 0, 1 << h).astype(jnp.uint32)
+
+  def permute(x):
+    left, right = x >> h, x & mask
+    for r in range(FEISTEL_ROUNDS):
+      left, right = right, left ^ tables[r][right]
+    return (left << h) | right
+
+  n32 = jnp.uint32(n)
+  y = permute(positions.astype(jnp.uint32))
+  y = jax.lax.while_loop(lambda y: jnp.any(y >= n32),
+                         lambda y: jnp.where(y >= n32, permute(y), y), y)
+  return y.astype(jnp.int32)
+
+
+# --- train batches -------------------------------------------------------------------
+def _normalize(x: jax.Array, dataset: str) -> jax.Array:
+  mean, std = (jnp.asarray(v, jnp.float32) * 255.0 for v in MEAN_STD[dataset])
+  return (x.astype(jnp.float32) - mean) / std
+
+
+def train_batch(images: jax.Array, labels: jax.Array, step: jax.Array, positions: jax.Array, *,
+                seed: int, batch_size: int, dataset: str, cutout: int = 0) -> dict:
+  """The rows `positions` (of the global batch) of train batch `step`.
+
+  Args:
+    images, labels: the whole train split on this device, uint8 [N,32,32,3], int32 [N].
+    step: the 0-based step (int32 scalar, traced); epochs are N // batch_size steps.
+    positions: int32 [b], positions in the global batch this call makes (all of
+      them under jit, a device's rows under pmap/shard_map).
+  Returns {'image': float32 [b,32,32,3] normalized, 'label': int32 [b]}.
+  """
+  n = images.shape[0]
+  steps_per_epoch = n // batch_size
+  seed_key = jax.random.key(seed)
+  epoch, k = step // steps_per_epoch, step % steps_per_epoch
+  order_key = jax.random.fold_in(jax.random.fold_in(seed_key, _SHUFFLE), epoch)
+  index = shuffled_index(order_key, k * batch_size + positions, n)
+
+  step_key = jax.random.fold_in(jax.random.fold_in(seed_key, _AUGMENT), step)
+  keys = jax.vmap(lambda p: jax.random.split(jax.random.fold_in(step_key, p), 3))(positions)
+  offsets = jax.vmap(lambda k: jax.random.randint(k, (2,), 0, 2 * PAD + 1))(keys[:, 0])
+  flip = jax.vmap(jax.random.bernoulli)(keys[:, 1])
+  grid = jnp.arange(32)
+  # Crop, then flip: output pixel (i, j) is padded pixel (dy + i, dx + j'), j' = 31 - j if
+  # flipped; the padding is zeros. One gather does the example lookup, crop and flip.
+  rows = offsets[:, :1] - PAD + grid                                  # [b, 32]
+  cols = offsets[:, 1:] - PAD + jnp.where(flip[:, None], 31 - grid, grid)
+  inside = ((rows >= 0) & (rows < 32))[:, :, None] & ((cols >= 0) & (cols < 32))[:, None, :]
+  pixels = images[index[:, None, None], jnp.clip(rows, 0, 31)[:, :, None],
+                  jnp.clip(cols, 0, 31)[:, None, :]]                  # [b, 32, 32, 3]
+  x = _normalize(jnp.where(inside[..., None], pixels, 0), dataset)
+  if cutout:
+    centres = jax.vmap(lambda k: jax.random.randint(k, (2,), 0, 32))(keys[:, 2])
+    half = (cutout - 1) // 2
+    hole = ((jnp.abs(grid - centres[:, :1]) <= half)[:, :, None]
+            & (jnp.abs(grid - centres[:, 1:]) <= half)[:, None, :])
+    x = jnp.where(hole[..., None], 0.0, x)
+  return {'image': x, 'label': labels[index]}
+
+
+def eval_batch(images: jax.Array, labels: jax.Array, positions: jax.Array, dataset: str) -> dict:
+  """Test examples `positions` (past the end: padding, mask 0), normalized, in order."""
+  n = images.shape[0]
+  index = jnp.minimum(positions, n - 1)
+  return {'image': _normalize(images[index], dataset), 'label': labels[index],
+          'mask': (positions < n).astype(jnp.float32)}
+
+
+# --- memory --------------------------------------------------------------------------
+def check_fits(data_bytes: int, memory_stats: dict | None) -> str | None:
+  """None if `data_bytes` fits the device; else the reason. No statistics (CPU): fits."""
+  if not memory_stats or 'bytes_limit' not in memory_stats:
+    return None
+  limit = int(memory_stats['bytes_limit'])
+  if data_bytes > MEMORY_FRACTION * limit:
+    return (f'the dataset needs {data_bytes / 2**20:.0f} MiB on every device, more than '
+            f'{MEMORY_FRACTION:.0%} of its {limit / 2**20:.0f} MiB')
+  return None
+
+
+def nbytes(*arrays: np.ndarray) -> int:
+  return sum(int(a.nbytes) for a in arrays)

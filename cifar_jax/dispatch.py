@@ -1,0 +1,129 @@
+"""Many train steps per compiled call, and a whole eval in one.
+
+Python's dispatch of a compiled call costs tens of microseconds to milliseconds;
+a small CIFAR step on an accelerator takes a few. `train_steps` runs `num_steps`
+steps of `step.train_step` in one `lax.fori_loop` and keeps the metric sums and
+the first non-finite step on the device, so the host only looks at them when it
+logs. `num_steps` is a *traced* argument: one executable serves every dispatch
+length, so 1 and 16 steps per call run the very same compiled loop body and give
+bit-identical results, and a dispatch can stop exactly at any log, eval or
+checkpoint boundary without a recompile.
+
+Where the batches come from is a `make_batch(feed, step, i)` function:
+`host_batch` indexes a block of host-made batches [k, B, ...]; `device_batch`
+builds batch `step` from the device-resident dataset (`device_pipeline`).
+
+Pure functions, no TensorFlow; `parallel.Backend` compiles them for pmap,
+shard_map or jit.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cifar_jax import device_pipeline, step as step_lib
+
+TRAIN_METRICS = ('train_loss', 'train_accuracy', 'learning_rate', 'grad_norm')
+EVAL_SUMS = ('loss_sum', 'correct', 'correct_top5', 'count')
+
+
+def new_carry() -> dict:
+  """What the loop keeps on the device between logs: metric sums and the first bad step."""
+  return {'sums': {k: np.float32(0.0) for k in TRAIN_METRICS}, 'first_bad': np.int32(-1)}
+
+
+def train_steps(state: step_lib.TrainState, carry: dict, feed, num_steps: jax.Array,
+                poison_step: jax.Array, *, make_batch: Callable, axis_name: str | None = None,
+                sync_grads: bool = False):
+  """Runs `num_steps` train steps; returns the new state and carry.
+
+  Args:
+    carry: `new_carry()`-shaped: metrics are added to `sums`; `first_bad` becomes
+      the (1-based) step whose loss or gradient norm was first NaN/Inf.
+    feed: what `make_batch(feed, step, i)` reads the i-th step's batch from.
+    poison_step: a test hook; the batch of this 1-based step gets NaN images
+      (-1: never). Multiplying by 1.0 elsewhere changes no bit.
+  """
+  def body(i, state_and_carry):
+    state, carry = state_and_carry
+    batch = make_batch(feed, state.step, i)
+    scale = jnp.where(state.step + 1 == poison_step, jnp.nan, 1.0).astype(batch['image'].dtype)
+    batch = dict(batch, image=batch['image'] * scale)
+    new_state, metrics = step_lib.train_step(state, batch, axis_name, sync_grads)
+    bad = ~(jnp.isfinite(metrics['train_loss']) & jnp.isfinite(metrics['grad_norm']))
+    first_bad = jnp.where((carry['first_bad'] < 0) & bad, state.step + 1, carry['first_bad'])
+    sums = {k: carry['sums'][k] + metrics[k].astype(jnp.float32) for k in TRAIN_METRICS}
+    return new_state, {'sums': sums, 'first_bad': first_bad.astype(jnp.int32)}
+
+  return jax.lax.fori_loop(0, num_steps, body, (state, carry))
+
+
+def host_batch(feed: dict, step: jax.Array, i: jax.Array) -> dict:  # pylint: disable=unused-argument
+  """The i-th batch of a block of host-made batches {'image': [k, b, ...], 'label': [k, b]}."""
+  return {k: jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False) for k, v in feed.items()}
+
+
+def local_positions(global_size: int, axis_name: str | None, constrain=None) -> jax.Array:
+  """Positions in the global batch this program makes: all of them under jit (where
+  `constrain` shards them over the devices), a device's own rows under pmap/shard_map."""
+  if axis_name is None:
+    positions = jnp.arange(global_size, dtype=jnp.int32)
+    return constrain(positions) if constrain is not None else positions
+  local = global_size // jax.lax.axis_size(axis_name)
+  return jax.lax.axis_index(axis_name) * local + jnp.arange(local, dtype=jnp.int32)
+
+
+def device_batch(feed: dict, step: jax.Array, i: jax.Array, *, config,  # pylint: disable=unused-argument
+                 axis_name: str | None = None, constrain=None) -> dict:
+  """Train batch `step` made on the device from feed = {'images': uint8 [N, ...], 'labels'}."""
+  positions = local_positions(config.batch_size, axis_name, constrain)
+  batch = device_pipeline.train_batch(
+      feed['images'], feed['labels'], step, positions, seed=int(config.seed),
+      batch_size=int(config.batch_size), dataset=config.dataset, cutout=int(config.cutout))
+  return constrain(batch) if constrain is not None and axis_name is None else batch
+
+
+def eval_all(state: step_lib.TrainState, feed: dict, *, batch_size: int, dataset: str,
+             axis_name: str | None = None, constrain=None) -> dict:
+  """Sums of `step.eval_step` over every example of the device-resident test split.
+
+  Global batches of `batch_size` (a multiple of the device count) in order; the
+  last one is padded and its padding masked, so `count` is exactly N.
+  """
+  n = feed['images'].shape[0]
+  positions = local_positions(batch_size, axis_name, constrain)
+
+  def body(j, totals):
+    batch = device_pipeline.eval_batch(feed['images'], feed['labels'], j * batch_size + positions,
+                                       dataset)
+    if constrain is not None and axis_name is None:
+      batch = constrain(batch)
+    sums = step_lib.eval_step(state, batch, axis_name)
+    return {k: totals[k] + sums[k] for k in EVAL_SUMS}
+
+  zeros = {k: jnp.zeros((), jnp.float32) for k in EVAL_SUMS}
+  return jax.lax.fori_loop(0, -(-n // batch_size), body, zeros)
+
+
+def make_batch_fn(pipeline: str, config, axis_name: str | None, constrain=None) -> Callable:
+  if pipeline == 'host':
+    return host_batch
+  return functools.partial(device_batch, config=config, axis_name=axis_name, constrain=constrain)
+
+
+def schedule(start_step: int, total_steps: int, steps_per_dispatch: int,
+             intervals: tuple[int, ...]) -> list[int]:
+  """Dispatch lengths from `start_step` to `total_steps`: at most `steps_per_dispatch`,
+  never crossing a multiple of any of `intervals` (log, eval, checkpoint), and 1 for the
+  first dispatch, whose time (compile included) is reported as `compile_seconds`."""
+  sizes, step = [], start_step
+  while step < total_steps:
+    limit = 1 if not sizes else steps_per_dispatch
+    next_boundary = min([total_steps] + [(step // i + 1) * i for i in intervals])
+    sizes.append(min(limit, next_boundary - step))
+    step += sizes[-1]
+  return sizes
