@@ -109,9 +109,10 @@ def train_batch(images: jax.Array, labels: jax.Array, step: jax.Array, positions
   x = _normalize(jnp.where(inside[..., None], pixels, 0), dataset)
   if cutout:
     centres = jax.vmap(lambda k: jax.random.randint(k, (2,), 0, 32))(keys[:, 2])
-    half = (cutout - 1) // 2
-    hole = ((jnp.abs(grid - centres[:, :1]) <= half)[:, :, None]
-            & (jnp.abs(grid - centres[:, 1:]) <= half)[:, None, :])
+    # A cutout x cutout square around the centre (clipped at the border).
+    rows_in = (grid >= centres[:, :1] - cutout // 2) & (grid < centres[:, :1] - cutout // 2 + cutout)
+    cols_in = (grid >= centres[:, 1:] - cutout // 2) & (grid < centres[:, 1:] - cutout // 2 + cutout)
+    hole = rows_in[:, :, None] & cols_in[:, None, :]
     x = jnp.where(hole[..., None], 0.0, x)
   return {'image': x, 'label': labels[index]}
 

@@ -69,8 +69,11 @@ def train_batches(data: Split, config, start_step: int, end_step: int,
     if cutout:
       centers = tf.random.stateless_uniform([batch, 2], stream(_CUTOUT, step), 0, 32,
                                             dtype=tf.int32)[lo:lo + local]
-      rows = tf.abs(grid - centers[:, :1]) <= (cutout - 1) // 2  # [b, 32]
-      cols = tf.abs(grid - centers[:, 1:]) <= (cutout - 1) // 2
+      # A cutout x cutout square around the centre, clipped at the border (an even size
+      # used to give a square one pixel smaller).
+      first = centers - cutout // 2
+      rows = (grid >= first[:, :1]) & (grid < first[:, :1] + cutout)  # [b, 32]
+      cols = (grid >= first[:, 1:]) & (grid < first[:, 1:] + cutout)
       hole = tf.logical_and(rows[:, :, None], cols[:, None, :])[..., None]
       x = tf.where(hole, 0.0, x)
     return {'image': x, 'label': tf.gather(labels, idx)}

@@ -31,7 +31,9 @@ class Backend:
   along the `('data',)` mesh axis.
   """
 
-  def __init__(self, parallelism: str, devices=None):
+  def __init__(self, parallelism: str, devices=None, loop_dispatch: bool | None = None):
+    """`loop_dispatch`: run a dispatch's steps in one compiled loop (default: except on
+    CPU, where XLA runs weight-gradient convolutions ~50x slower in loops; see dispatch.py)."""
     if parallelism not in BACKENDS:
       raise ValueError(f'unknown parallelism {parallelism!r}; choose one of {BACKENDS}')
     self.name = parallelism
@@ -40,6 +42,8 @@ class Backend:
     self.devices = sorted(devices if devices is not None else jax.devices(),
                           key=lambda d: d.process_index)
     self.num_devices = len(self.devices)
+    self.loop_dispatch = (self.devices[0].platform != 'cpu' if loop_dispatch is None
+                          else loop_dispatch)
     self.mesh = jax.sharding.Mesh(np.array(self.devices), (AXIS,))
     self.replicated = NamedSharding(self.mesh, P())
     self.sharded = NamedSharding(self.mesh, P(AXIS))
@@ -105,19 +109,21 @@ class Backend:
     return self._eval(state, batch)
 
   # --- many steps per call (dispatch.py) ----------------------------------------
-  def _compile(self, fn, kinds, out_kinds, donate=()):
+  def compile(self, fn, kinds, out_kinds, donate=()):
     """Compiles per-device/global `fn(*args, axis_name=..)` for this backend.
 
     `kinds` names each argument's layout: 'state' (replicated; leading device axis
-    under pmap), 'batches' ([k, B, ...] split along B), 'data' (whole on every
-    device) or 'scalar' (a replicated scalar; broadcast under pmap).
+    under pmap), 'rows' ([B, ...] split along B), 'batches' ([k, B, ...] split
+    along B), 'data' (whole on every device) or 'scalar' (a replicated scalar;
+    broadcast under pmap); `out_kinds` each output's. Under jit `fn` also gets
+    `constrain`, which shards a [B, ...] tree along B.
     """
     if self.name == 'pmap':
-      axes = {'state': 0, 'batches': 0, 'data': 0, 'scalar': None}
+      axes = {'state': 0, 'rows': 0, 'batches': 0, 'data': 0, 'scalar': None}
       return jax.pmap(functools.partial(fn, axis_name=AXIS), axis_name=AXIS,
                       devices=self.devices, in_axes=tuple(axes[k] for k in kinds),
                       donate_argnums=donate)
-    specs = {'state': P(), 'batches': P(None, AXIS), 'data': P(), 'scalar': P()}
+    specs = {'state': P(), 'rows': P(AXIS), 'batches': P(None, AXIS), 'data': P(), 'scalar': P()}
     if self.name == 'shard_map':
       mapped = jax.shard_map(functools.partial(fn, axis_name=AXIS), mesh=self.mesh,
                              in_specs=tuple(specs[k] for k in kinds),
@@ -130,23 +136,36 @@ class Backend:
                    donate_argnums=donate)
 
   def train_dispatch(self, pipeline: str, config):
-    """Compiled `(state, carry, feed, num_steps, poison_step) -> (state, carry)`.
+    """`run(state, carry, feed, num_steps, poison_step) -> (state, carry)`: one dispatch.
 
     `feed` is a block of host batches (`put_batches`) or the device-resident
-    train split (`put_data`); see `dispatch.train_steps`.
+    train split (`put_data`); see `dispatch.train_steps`. With `loop_dispatch`
+    it is one compiled call, else one call of the compiled step per step.
     """
     key = ('train', pipeline)
     if key not in self._dispatch_cache:
-      sync = self.name == 'pmap'
+      sync, loop = self.name == 'pmap', self.loop_dispatch
 
-      def fn(state, carry, feed, num_steps, poison_step, axis_name, constrain=None):
+      def fn(state, carry, feed, first, last, poison_step, axis_name, constrain=None):
         make_batch = dispatch.make_batch_fn(pipeline, config, axis_name, constrain)
-        return dispatch.train_steps(state, carry, feed, num_steps, poison_step,
-                                    make_batch=make_batch, axis_name=axis_name, sync_grads=sync)
+        return dispatch.train_steps(state, carry, feed, first, last, poison_step,
+                                    make_batch=make_batch, axis_name=axis_name, sync_grads=sync,
+                                    loop=loop)
 
       feed_kind = 'batches' if pipeline == 'host' else 'data'
-      self._dispatch_cache[key] = self._compile(
-          fn, ('state', 'state', feed_kind, 'scalar', 'scalar'), ('state', 'state'), donate=(0, 1))
+      compiled = self.compile(fn, ('state', 'state', feed_kind, 'scalar', 'scalar', 'scalar'),
+                              ('state', 'state'), donate=(0, 1))
+
+      def run(state, carry, feed, num_steps, poison_step):
+        if loop:
+          return compiled(state, carry, feed, self.put_scalar(0), self.put_scalar(num_steps),
+                          poison_step)
+        for i in range(num_steps):
+          state, carry = compiled(state, carry, feed, self.put_scalar(i), self.put_scalar(i + 1),
+                                  poison_step)
+        return state, carry
+
+      self._dispatch_cache[key] = run
     return self._dispatch_cache[key]
 
   def eval_dispatch(self, config):
@@ -158,7 +177,7 @@ class Backend:
         return (dispatch.eval_all(state, feed, batch_size=batch_size, dataset=config.dataset,
                                   axis_name=axis_name, constrain=constrain),)
 
-      compiled = self._compile(fn, ('state', 'data'), ('state',))
+      compiled = self.compile(fn, ('state', 'data'), ('state',))
       self._dispatch_cache['eval'] = lambda state, feed: compiled(state, feed)[0]
     return self._dispatch_cache['eval']
 

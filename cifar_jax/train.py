@@ -185,7 +185,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     try:
       for n in sizes:
         t_dispatch = time.perf_counter()
-        state, carry = run_steps(state, carry, next(feeds), backend.put_scalar(n), poison)
+        state, carry = run_steps(state, carry, next(feeds), n, poison)
         if compile_seconds is None:  # The first dispatch is one step: compile + one step.
           jax.block_until_ready(carry)
           compile_seconds = time.perf_counter() - t_dispatch

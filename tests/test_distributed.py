@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ROOT, checkpoint_arrays, free_port, logged_steps, subprocess_env
+from helpers import CACHE_FLAG, ROOT, checkpoint_arrays, free_port, logged_steps, subprocess_env
 from helpers import metrics_records as records
 
 from cifar_jax import distributed
@@ -23,7 +23,8 @@ ARGS = ['--config=configs/cpu.py', '--config.model=fast_cnn', '--config.data_sou
         '--config.num_synthetic_examples=512', '--config.batch_size=64',
         '--config.eval_batch_size=64', '--config.learning_rate=0.01',
         f'--config.num_train_steps={STEPS}', '--config.log_every_steps=1',
-        f'--config.eval_every_steps={STEPS}', '--config.checkpoint_every_steps=3']
+        f'--config.eval_every_steps={STEPS}', '--config.checkpoint_every_steps=3',
+        '--config.input_pipeline=host', CACHE_FLAG]
 TIMEOUT = 240
 
 

@@ -13,14 +13,14 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ROOT, checkpoint_arrays, logged_steps, subprocess_env
+from helpers import CACHE_FLAG, ROOT, checkpoint_arrays, logged_steps, subprocess_env
 from helpers import metrics_records as records
 STEPS = 12
 ARGS = ['--config=configs/cpu.py', '--config.model=fast_cnn', '--config.data_source=synthetic',
         '--config.num_synthetic_examples=512', '--config.batch_size=64',
         '--config.eval_batch_size=64', '--config.ema_decay=0.9', f'--config.num_train_steps={STEPS}',
         '--config.log_every_steps=1', '--config.eval_every_steps=6',
-        '--config.checkpoint_every_steps=4']
+        '--config.checkpoint_every_steps=4', '--config.input_pipeline=host', CACHE_FLAG]
 
 
 _env = subprocess_env
@@ -214,3 +214,53 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
   assert proc.wait(timeout=60) == 130
   with open(workdir + '.log', encoding='utf-8') as f:
     assert 'Second interrupt: exiting now' in f.read()
+
+
+# --- the device pipeline with 8 steps per dispatch ------------------------------------
+# Dispatches 1, 7 | 4 | 4 | 8 (boundaries: log and checkpoint every 8, eval every 12).
+DEVICE_STEPS = 24
+DEVICE_ARGS = ['--config.input_pipeline=device', '--config.steps_per_dispatch=8',
+               '--config.batch_size=32', f'--config.num_train_steps={DEVICE_STEPS}',
+               '--config.log_every_steps=8', '--config.eval_every_steps=12',
+               '--config.checkpoint_every_steps=8']
+DEVICE_COUNT = 2
+
+
+@pytest.fixture(scope='module')
+def device_reference(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('ft') / 'device_reference')
+  result = run(workdir, *DEVICE_ARGS, devices=DEVICE_COUNT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_device_pipeline_sigterm_then_resume_is_bit_identical(device_reference, tmp_path):
+  workdir = str(tmp_path / 'w')
+  log = open(workdir + '.log', 'w', encoding='utf-8')  # pylint: disable=consider-using-with
+  proc = subprocess.Popen([sys.executable, 'main.py', f'--workdir={workdir}', *ARGS, *DEVICE_ARGS],
+                          cwd=ROOT, env=_env(DEVICE_COUNT), stdout=log, stderr=subprocess.STDOUT)
+  assert interrupt_after(proc, workdir, 8, signal.SIGTERM) == 0
+  with open(workdir + '.log', encoding='utf-8') as f:
+    stopped = int(f.read().split('SIGTERM received: stopped after step ')[1].split()[0])
+  assert stopped in (12, 16)  # The next dispatch boundary; 12 is not a checkpoint step.
+  assert str(stopped) in os.listdir(os.path.join(workdir, 'checkpoints'))
+  result = run(workdir, *DEVICE_ARGS, devices=DEVICE_COUNT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'at step {stopped}.' in result.stderr
+  assert_same(arrays(workdir, DEVICE_STEPS), arrays(device_reference, DEVICE_STEPS))
+  want = [r for r in records(device_reference) if 'eval_accuracy' in r][-1]
+  got = [r for r in records(workdir) if 'eval_accuracy' in r][-1]
+  assert got == want
+
+
+def test_device_pipeline_kill_9_then_resume_is_bit_identical(device_reference, tmp_path):
+  workdir = str(tmp_path / 'w')
+  result = run(workdir, *DEVICE_ARGS, devices=DEVICE_COUNT, fault='kill_in_save@16')
+  assert result.returncode == -signal.SIGKILL
+  result = run(workdir, *DEVICE_ARGS, devices=DEVICE_COUNT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'at step 16.' in result.stderr or 'at step 8.' in result.stderr
+  assert_same(arrays(workdir, DEVICE_STEPS), arrays(device_reference, DEVICE_STEPS))
+  # The first train record of each launch says how long its first step (compile) took.
+  firsts = [r for r in records(workdir) if 'compile_seconds' in r]
+  assert len(firsts) == 2 and all(r['compile_seconds'] > 0 for r in firsts)

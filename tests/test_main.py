@@ -5,11 +5,12 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, metrics_records, subprocess_env
+from helpers import CACHE_FLAG, ROOT, metrics_records, subprocess_env
 TINY = ['--config.model=fast_cnn', '--config.data_source=synthetic',
         '--config.num_synthetic_examples=512', '--config.batch_size=64',
         '--config.eval_batch_size=48', '--config.log_every_steps=2',
-        '--config.eval_every_steps=4', '--config.checkpoint_every_steps=4']
+        '--config.eval_every_steps=4', '--config.checkpoint_every_steps=4',
+        '--config.input_pipeline=host', CACHE_FLAG]
 
 
 def run_main(workdir, *overrides, timeout=300):
@@ -80,3 +81,46 @@ def test_bad_config_exits_with_one_error_line_before_compiling(tmp_path, overrid
 def test_unknown_config_field_is_refused(tmp_path):
   result = run_main(str(tmp_path), '--config.batchsize=64', timeout=120)
   assert result.returncode != 0 and 'batchsize' in result.stderr
+
+
+def _without_tensorflow(tmp_path):
+  """An environment where `import tensorflow` (and tensorflow_datasets) fails as if absent."""
+  blocker = tmp_path / 'no_tensorflow'
+  blocker.mkdir()
+  for name in ('tensorflow', 'tensorflow_datasets'):
+    (blocker / f'{name}.py').write_text(
+        f'raise ModuleNotFoundError("No module named {name!r}", name={name!r})\n')
+  env = subprocess_env()
+  env['PYTHONPATH'] = os.pathsep.join([str(blocker), ROOT, env.get('PYTHONPATH', '')])
+  return env
+
+
+def test_trains_without_tensorflow_and_writes_tensorboard_events(tmp_path):
+  workdir, cache = str(tmp_path / 'w'), str(tmp_path / 'cache')
+  env = _without_tensorflow(tmp_path)
+  cmd = [sys.executable, 'main.py', '--config=configs/cpu.py', f'--workdir={workdir}', *TINY,
+         '--config.num_train_steps=4', '--config.input_pipeline=device',
+         '--config.steps_per_dispatch=4', f'--config.compilation_cache_dir={cache}']
+  result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = metrics_records(workdir)
+  assert [r['step'] for r in records if 'train_loss' in r] == [2, 4]
+  assert [r['eval_count'] for r in records if 'eval_accuracy' in r] == [102]
+  assert 'compile_seconds' in records[0]
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4']
+  assert os.listdir(cache), 'the persistent compilation cache stayed empty'
+  # TensorBoard (without TensorFlow too) reads the events back.
+  from tensorboard.backend.event_processing import event_accumulator
+  events = event_accumulator.EventAccumulator(workdir)
+  events.Reload()
+  tags = events.Tags()['tensors']
+  assert {'train_loss', 'eval_accuracy', 'images_per_sec'} <= set(tags)
+  losses = [e.step for e in events.Tensors('train_loss')]
+  assert losses == [2, 4]
+  # The host pipeline needs TensorFlow: one error line that names the way out.
+  result = subprocess.run(cmd[:-3] + ['--config.input_pipeline=host'], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+  errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+  assert 'input_pipeline=host needs TensorFlow' in errors[0]
+  assert '--config.input_pipeline=device' in errors[0]
