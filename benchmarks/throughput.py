@@ -39,6 +39,7 @@ flags.DEFINE_integer('steps', 40, 'Timed steps for each measurement.')
 flags.DEFINE_integer('warmup', 5, 'Untimed steps (compile) before timing.')
 flags.DEFINE_integer('steps_per_dispatch', 16, 'Steps per call for the device-pipeline loop.')
 flags.DEFINE_integer('capacity_batches', 30, 'Batches timed for each input capacity.')
+flags.DEFINE_integer('capacity_batch_size', 1024, 'Global batch for the input capacity.')
 FLAGS = flags.FLAGS
 
 
@@ -125,10 +126,12 @@ def main(_):
   config.compilation_cache_dir = cache_dir
   compilation_cache.configure(cache_dir)  # Before the first compile: JAX reads it once.
 
-  capacity = {p: input_capacity(config, p, FLAGS.capacity_batches)
+  capacity_config = config.copy_and_resolve_references()
+  capacity_config.batch_size = FLAGS.capacity_batch_size
+  capacity = {p: input_capacity(capacity_config, p, FLAGS.capacity_batches)
               for p in (['host'] if has_tf else []) + ['device']}
   print('input capacity: ' + ' '.join(f'{p}={v:.0f}' for p, v in capacity.items())
-        + ' images/sec' + (f' (device/host {capacity["device"] / capacity["host"]:.1f}x)'
+        + f' images/sec at batch {FLAGS.capacity_batch_size}' + (f' (device/host {capacity["device"] / capacity["host"]:.1f}x)'
                            if has_tf else ' (no TensorFlow: host skipped)'), flush=True)
 
   bare, bare_compile = bare_step(config, FLAGS.steps, FLAGS.warmup)

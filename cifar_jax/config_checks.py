@@ -44,10 +44,6 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
   if config.parallelism == 'pmap' and process_count > 1:
     raise UserError(f'config.parallelism=pmap runs in one process only, but this job has '
                     f'{process_count}; use --config.parallelism=shard_map (or jit)')
-  for field in ('steps_per_dispatch', 'log_every_steps', 'eval_every_steps',
-                'checkpoint_every_steps'):
-    if int(config.get(field)) != config.get(field):
-      raise UserError(f'config.{field}={config.get(field)!r} must be an integer')
   # TensorFlow only feeds the host pipeline and the tfds source; without it, say so now.
   if config.input_pipeline == 'host':
     try:

@@ -3,14 +3,16 @@
 `metrics.jsonl` holds one JSON object per line, {"step": N, "<metric>": value,
 ...}, so runs can be compared with nothing but the standard library.
 
-TensorBoard events are written with the `tensorboard` package's own writer,
-not clu's or tf.summary: both import TensorFlow, which a training run must not
-need (GPU images commonly ship JAX without it).
+TensorBoard events are written with the `tensorboard` package's protos, not
+clu's writers, tf.summary or `tensorboard.summary.Writer`: all of them import
+TensorFlow, which a training run must not need (GPU images commonly ship JAX
+without it) nor pay for when it is installed.
 """
 from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 
 from absl import logging
@@ -36,25 +38,39 @@ class JsonlWriter:
 
 
 class TensorBoardWriter:
-  """Scalars as TensorBoard event files in `logdir` (`tensorboard --logdir=...`).
+  """Scalars as a TensorBoard event file in `logdir` (`tensorboard --logdir=...`).
 
-  The `tensorboard` package writes them on a background thread; it needs no
-  TensorFlow.
+  Event protos in TFRecord framing, written with the `tensorboard` package's
+  protos and record writer to a plain file. Not `tensorboard.summary.Writer`:
+  it opens files through `tf.io.gfile`, which imports TensorFlow whenever it
+  is installed.
   """
 
   def __init__(self, logdir: str):
-    from tensorboard import summary  # pylint: disable=g-import-not-at-top
-    self._writer = summary.Writer(logdir)
+    # pylint: disable=g-import-not-at-top
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    name = f'events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}'
+    self._file = open(os.path.join(logdir, name), 'ab')  # pylint: disable=consider-using-with
+    self._records = RecordWriter(self._file)
+    self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
+
+  def _write(self, event):
+    self._records.write(event.SerializeToString())
 
   def write_scalars(self, step: int, scalars: dict):
-    for tag, value in scalars.items():
-      self._writer.add_scalar(tag, float(value), int(step))
+    summary = self._summary_pb2.Summary(value=[
+        self._summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
+        for tag, value in scalars.items()])
+    self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+    self._file.flush()
 
   def flush(self):
-    self._writer.flush()
+    self._file.flush()
 
   def close(self):
-    self._writer.close()
+    self._file.close()
 
 
 class LoggingWriter:

@@ -110,7 +110,7 @@ class Backend:
 
   # --- many steps per call (dispatch.py) ----------------------------------------
   def compile(self, fn, kinds, out_kinds, donate=()):
-    """Compiles per-device/global `fn(*args, axis_name=..)` for this backend.
+    """`fn(*args, axis_name=..)` (per device, or global under jit) jitted for this backend.
 
     `kinds` names each argument's layout: 'state' (replicated; leading device axis
     under pmap), 'rows' ([B, ...] split along B), 'batches' ([k, B, ...] split
@@ -142,7 +142,7 @@ class Backend:
     train split (`put_data`); see `dispatch.train_steps`. With `loop_dispatch`
     it is one compiled call, else one call of the compiled step per step.
     """
-    key = ('train', pipeline)
+    key = ('train', pipeline, id(config))
     if key not in self._dispatch_cache:
       sync, loop = self.name == 'pmap', self.loop_dispatch
 
@@ -170,7 +170,8 @@ class Backend:
 
   def eval_dispatch(self, config):
     """Compiled `(state, test_data) -> sums` over the whole device-resident test split."""
-    if 'eval' not in self._dispatch_cache:
+    key = ('eval', id(config))
+    if key not in self._dispatch_cache:
       batch_size = self.eval_batch_size(config.eval_batch_size)
 
       def fn(state, feed, axis_name, constrain=None):
@@ -178,8 +179,8 @@ class Backend:
                                   axis_name=axis_name, constrain=constrain),)
 
       compiled = self.compile(fn, ('state', 'data'), ('state',))
-      self._dispatch_cache['eval'] = lambda state, feed: compiled(state, feed)[0]
-    return self._dispatch_cache['eval']
+      self._dispatch_cache[key] = lambda state, feed: compiled(state, feed)[0]
+    return self._dispatch_cache[key]
 
   def eval_batch_size(self, requested: int) -> int:
     """`requested` rounded up to a multiple of the device count (the padding is masked)."""

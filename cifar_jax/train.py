@@ -184,8 +184,9 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   with preemption.PreemptionGuard() as guard:
     try:
       for n in sizes:
+        feed = next(feeds)  # (The host pipeline's start-up is not compile time.)
         t_dispatch = time.perf_counter()
-        state, carry = run_steps(state, carry, next(feeds), n, poison)
+        state, carry = run_steps(state, carry, feed, n, poison)
         if compile_seconds is None:  # The first dispatch is one step: compile + one step.
           jax.block_until_ready(carry)
           compile_seconds = time.perf_counter() - t_dispatch
@@ -196,7 +197,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         if step % config.log_every_steps == 0 or step == total_steps:
           check_finite()
           sums = backend.to_host(carry['sums'])  # Syncs here only.
-          host = {k: v / summed_steps for k, v in sums.items()}
+          host = {name: total / summed_steps for name, total in sums.items()}
           host['images_per_sec'] = summed_steps * config.batch_size / (time.perf_counter() - t_log)
           host['epoch'] = step / steps_per_epoch
           if compile_seconds >= 0:  # In the first train record of this launch only.

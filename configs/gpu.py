@@ -7,6 +7,12 @@ EXPECTED: not yet measured on a GPU by this project (no GPU was available when i
   written). ResNet-18 with this 40-epoch cosine recipe typically reaches ~94-95% top-1 on the
   original CIFAR-10; on the JPEG copy in shared/data expect a little less. Whoever runs it
   first: put the measured accuracy, runtime and GPU model here.
+INPUT: input_pipeline=device (the uint8 splits, 176 MiB, live on every GPU; batches are
+  gathered, cropped, flipped and cut out inside the compiled step, 50 steps per call), so a
+  GPU never waits on the host and the run needs no TensorFlow with the archive source. Not
+  yet measured on a GPU (host vs device images/sec: run benchmarks/throughput.py there). On
+  the 2-core CPU dev machine the device pipeline delivers 7.6x the host pipeline's images/sec
+  at batch 1024 (478k vs 63k, benchmarks/throughput.py).
 """
 from configs import default
 
@@ -23,6 +29,8 @@ def get_config():
   config.ema_decay = 0.999
   config.half_precision = True
   config.parallelism = 'jit'
+  config.input_pipeline = 'device'  # Data and augmentation on the GPUs: no host work per step.
+  config.steps_per_dispatch = 50    # One compiled call per 50 steps (cut at log/eval/checkpoint).
   config.log_every_steps = 100
   config.eval_every_steps = 980     # Every 10 epochs.
   config.checkpoint_every_steps = 980

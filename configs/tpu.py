@@ -26,6 +26,8 @@ def get_config():
   config.ema_decay = 0.9995
   config.half_precision = True
   config.parallelism = 'jit'
+  config.input_pipeline = 'device'  # Data and augmentation on the TPU cores: no host work per step.
+  config.steps_per_dispatch = 50    # One compiled call per 50 steps (cut at log/eval/checkpoint).
   config.log_every_steps = 100
   config.eval_every_steps = 1220    # Every 25 epochs.
   config.checkpoint_every_steps = 1220

@@ -15,6 +15,8 @@ from cifar_jax.errors import UserError
     ('batch_size', 0, r'config.batch_size=0 must be a number > 0'),
     ('ema_decay', 1.0, r'config.ema_decay=1.0 must be in \[0, 1\)'),
     ('learning_rate', -0.1, r'config.learning_rate=-0.1 must be'),
+    ('input_pipeline', 'gpu', r'config.input_pipeline=.gpu. is unknown.*device'),
+    ('steps_per_dispatch', 0, r'config.steps_per_dispatch=0 must be a number > 0'),
 ])
 def test_bad_values_name_the_field_and_the_fix(small_config, field, value, message):
   small_config[field] = value
@@ -41,6 +43,17 @@ def test_pmap_is_refused_with_several_processes(small_config):
   small_config.batch_size = 36
   with pytest.raises(UserError, match='not divisible by the 8 devices'):
     config_checks.validate(small_config, num_devices=8, process_count=2)
+
+
+def test_steps_per_dispatch_and_the_cache_may_change_on_resume(small_config):
+  saved = small_config.to_dict()
+  small_config.steps_per_dispatch = 16  # Same results for any value.
+  small_config.compilation_cache_dir = '/elsewhere'
+  assert config_checks.check_resume(saved, small_config) == ['compilation_cache_dir',
+                                                             'steps_per_dispatch']
+  small_config.input_pipeline = 'device'  # Other random numbers: another trajectory.
+  with pytest.raises(UserError, match="input_pipeline 'host' -> 'device'"):
+    config_checks.check_resume(saved, small_config)
 
 
 def test_good_config_passes(small_config):

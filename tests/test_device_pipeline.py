@@ -28,8 +28,9 @@ def _config(batch_size=32, cutout=0, seed=0):
   return config
 
 
-def batches(backend, feed, config, steps):
-  """The global batches of `steps` as built under `backend` (each device makes its rows)."""
+def batches(backend, feed, config, steps, local_only=False):
+  """The global batches of `steps` as built under `backend` (each device makes its rows);
+  with `local_only`, only this process's rows (for multi-process runs)."""
   def fn(data, step, axis_name, constrain=None):
     batch = dispatch.device_batch(data, step, 0, config=config, axis_name=axis_name,
                                   constrain=constrain)
@@ -39,7 +40,11 @@ def batches(backend, feed, config, steps):
   data = backend.put_data(feed)
   out = []
   for s in steps:
-    images, labels = jax.device_get(compiled(data, backend.put_scalar(s)))
+    arrays = compiled(data, backend.put_scalar(s))
+    if local_only:  # Rows of this process's devices, in global order.
+      arrays = [np.concatenate([np.asarray(shard.data) for shard in sorted(
+          a.addressable_shards, key=lambda shard: shard.index[0].start)]) for a in arrays]
+    images, labels = jax.device_get(arrays)
     out.append((np.reshape(images, (-1, 32, 32, 3)), np.reshape(labels, (-1,))))
   return out
 
@@ -149,6 +154,6 @@ def test_data_that_would_not_fit_names_the_host_pipeline(monkeypatch):
       return {'bytes_limit': 64 << 20}
 
   monkeypatch.setattr(train.jax, 'local_devices', lambda: [SmallDevice()])
-  with pytest.raises(UserError, match=r'needs 176 MiB .* use --config.input_pipeline=host'):
-    train._put_on_devices(parallel.Backend('jit'), synthetic('cifar10', 'train'),  # pylint: disable=protected-access
-                          synthetic('cifar10', 'test'))
+  splits = synthetic('cifar10', 'train', num_examples=20_000), synthetic('cifar10', 'test')
+  with pytest.raises(UserError, match=r'needs 88 MiB .* 64 MiB; use --config.input_pipeline=host'):
+    train._put_on_devices(parallel.Backend('jit'), *splits)  # pylint: disable=protected-access

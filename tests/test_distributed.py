@@ -110,10 +110,10 @@ def test_two_processes_train_like_one_and_only_process_0_writes(reference, tmp_p
   assert os.path.exists(os.path.join(workdir, 'config.json'))
 
 
-def interrupt_one_host(workdir, victim, sig):
+def interrupt_one_host(workdir, victim, sig, *extra):
   """2 x 4 shard_map run; `sig` to process `victim` only. Returns the step both stopped after."""
   port = free_port()
-  procs = [start(workdir, '--config.parallelism=shard_map', process_id=i, port=port)
+  procs = [start(workdir, '--config.parallelism=shard_map', *extra, process_id=i, port=port)
            for i in range(2)]
   deadline = time.time() + TIMEOUT
   while not logged_steps(workdir):
@@ -143,10 +143,58 @@ def test_sigterm_on_one_host_stops_all_at_one_step_and_resumes_in_one_process(re
 
 
 def test_ctrl_c_on_the_coordinator_host_also_stops_every_host_at_one_step(tmp_path):
+  # With the device pipeline (each process puts the data on its own devices) and 2 steps
+  # per dispatch: the hosts agree on a dispatch boundary.
   workdir = str(tmp_path / 'w')
-  interrupt_one_host(workdir, victim=0, sig=signal.SIGINT)
+  stopped = interrupt_one_host(workdir, 0, signal.SIGINT, '--config.input_pipeline=device',
+                               '--config.steps_per_dispatch=2', '--config.log_every_steps=2')
+  assert stopped % 2 == 0
   assert 'SIGINT received: stopped after step' in log(workdir, 0)
   assert 'SIGTERM (on some host) received: stopped after step' in log(workdir, 1)
+
+
+_DEVICE_BATCHES = """
+import sys
+import jax
+import numpy as np
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]), local_device_ids=None)
+sys.path.insert(0, 'tests')
+from test_device_pipeline import N, batches
+from cifar_jax import parallel
+rows = {}
+images = np.zeros((N, 32, 32, 3), np.uint8)
+images[..., 0] = np.arange(N)[:, None, None]
+feed = {'images': images, 'labels': (np.arange(N) % 10).astype(np.int32)}
+from configs import default
+config = default.get_config()
+config.update(batch_size=32, cutout=8)
+backend = parallel.Backend('jit')
+out = batches(backend, feed, config, [0, 5], local_only=True)
+np.savez(sys.argv[3], **{f'{k}_{s}': v for s, pair in enumerate(out) for k, v in zip('il', pair)})
+"""
+
+
+def test_device_pipeline_batches_of_2_processes_x_4_devices_are_the_1_x_8_batches(tmp_path):
+  from test_device_pipeline import N, batches  # pylint: disable=import-outside-toplevel
+  from configs import default  # pylint: disable=import-outside-toplevel
+  from cifar_jax import parallel  # pylint: disable=import-outside-toplevel
+  port = free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, '-c', _DEVICE_BATCHES, f'127.0.0.1:{port}', str(i), str(tmp_path / f'p{i}')],
+      cwd=ROOT, env=subprocess_env(4)) for i in range(2)]
+  assert wait_all(procs, timeout=180) == [0, 0]
+  images = np.zeros((N, 32, 32, 3), np.uint8)
+  images[..., 0] = np.arange(N)[:, None, None]
+  config = default.get_config()
+  config.update(batch_size=32, cutout=8)
+  want = batches(parallel.Backend('jit'), {'images': images, 'labels': (np.arange(N) % 10)
+                                           .astype(np.int32)}, config, [0, 5])
+  halves = [np.load(tmp_path / f'p{i}.npz') for i in range(2)]
+  for s, (images_s, labels_s) in enumerate(want):
+    np.testing.assert_array_equal(
+        np.concatenate([halves[0][f'i_{s}'], halves[1][f'i_{s}']]), images_s)
+    np.testing.assert_array_equal(
+        np.concatenate([halves[0][f'l_{s}'], halves[1][f'l_{s}']]), labels_s)
 
 
 def test_a_missing_peer_fails_within_the_timeout_with_one_clear_line(tmp_path):

@@ -242,7 +242,7 @@ def test_device_pipeline_sigterm_then_resume_is_bit_identical(device_reference, 
   assert interrupt_after(proc, workdir, 8, signal.SIGTERM) == 0
   with open(workdir + '.log', encoding='utf-8') as f:
     stopped = int(f.read().split('SIGTERM received: stopped after step ')[1].split()[0])
-  assert stopped in (12, 16)  # The next dispatch boundary; 12 is not a checkpoint step.
+  assert stopped in (8, 12, 16)  # A dispatch boundary (12 is not a checkpoint step).
   assert str(stopped) in os.listdir(os.path.join(workdir, 'checkpoints'))
   result = run(workdir, *DEVICE_ARGS, devices=DEVICE_COUNT)
   assert result.returncode == 0, result.stderr[-3000:]

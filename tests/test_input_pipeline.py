@@ -94,11 +94,14 @@ def test_eval_batches_cover_the_split_exactly_once_with_padding_masked(data):
   assert total == 70
 
 
-def test_input_pipeline_module_imports_no_tensorflow_until_used():
+def test_no_tensorflow_is_imported_until_the_host_pipeline_is_used(tmp_path):
   import subprocess
   import sys
   code = ('import sys; import cifar_jax, cifar_jax.input_pipeline, cifar_jax.parallel, '
-          'cifar_jax.checkpointing, cifar_jax.data_sources; '
-          'assert "tensorflow" not in sys.modules, "tensorflow imported"')
+          'cifar_jax.checkpointing, cifar_jax.data_sources, cifar_jax.train, '
+          'cifar_jax.device_pipeline, cifar_jax.dispatch; '
+          'from cifar_jax import metric_logging; '
+          f'w = metric_logging.create_writer({str(tmp_path)!r}); w.write_scalars(1, {{"a": 1}}); '
+          'w.close(); assert "tensorflow" not in sys.modules, "tensorflow imported"')
   subprocess.run([sys.executable, '-c', code], check=True, timeout=120,
                  cwd=__import__('os').path.dirname(__import__('os').path.dirname(__file__)))
