@@ -1,7 +1,7 @@
 """Graceful stop on SIGTERM / SIGINT: finish the step, checkpoint, exit 0.
 
 Cloud TPU VMs (spot above all) and cluster schedulers send SIGTERM before
-killing a job. The loop asks `stop_requested(step)` after every step; when it
+killing a job. The loop asks `stop_requested(n)` after every dispatch n; when it
 says yes, the loop writes a checkpoint and returns. A second Ctrl-C exits at
 once. With several processes, JAX's preemption sync point makes every host
 stop (and checkpoint) at the same step: there SIGTERM is left to JAX's own
@@ -49,15 +49,18 @@ class PreemptionGuard:
     if self._multihost:
       os.kill(os.getpid(), signal.SIGTERM)  # To JAX's notifier, which tells every host.
 
-  def stop_requested(self, step: int) -> bool:
-    """True when this step should be the last one (all hosts agree on it).
+  def stop_requested(self, counter: int) -> bool:
+    """True when the loop should stop here (all hosts agree on where).
 
-    Every host must call this at every step (JAX's sync protocol counts calls).
+    Every host must call this after every dispatch with the same consecutive
+    `counter` (0, 1, 2, ...): JAX's sync point is "the largest counter any host
+    has reached, plus one", so a counter that skips values (steps of a
+    multi-step dispatch) could step over it and never stop.
     """
     if self._multihost:
-      # JAX's preemption service notices SIGTERM on any host and picks one step, the
-      # largest step any host has reached plus one, at which every host returns True.
-      if multihost_utils.reached_preemption_sync_point(step):
+      # JAX's preemption service notices SIGTERM on any host and picks that counter, at
+      # which every host returns True.
+      if multihost_utils.reached_preemption_sync_point(counter):
         self.signal_name = self.signal_name or 'SIGTERM (on some host)'
         return True
       return False

@@ -183,7 +183,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   step = start_step
   with preemption.PreemptionGuard() as guard:
     try:
-      for n in sizes:
+      for dispatch_index, n in enumerate(sizes):
         feed = next(feeds)  # (The host pipeline's start-up is not compile time.)
         t_dispatch = time.perf_counter()
         state, carry = run_steps(state, carry, feed, n, poison)
@@ -216,7 +216,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         if step % config.checkpoint_every_steps == 0 or step == total_steps:
           save_checkpoint()
           t_log = time.perf_counter()
-        if step < total_steps and guard.stop_requested(step):
+        if step < total_steps and guard.stop_requested(dispatch_index):
           if last_saved != step:
             save_checkpoint()
           logging.warning('%s received: stopped after step %d and saved a checkpoint in %s; rerun '

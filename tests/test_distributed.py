@@ -110,7 +110,7 @@ def test_two_processes_train_like_one_and_only_process_0_writes(reference, tmp_p
   assert os.path.exists(os.path.join(workdir, 'config.json'))
 
 
-def interrupt_one_host(workdir, victim, sig, *extra):
+def interrupt_one_host(workdir, victim, sig, *extra, steps=STEPS):
   """2 x 4 shard_map run; `sig` to process `victim` only. Returns the step both stopped after."""
   port = free_port()
   procs = [start(workdir, '--config.parallelism=shard_map', *extra, process_id=i, port=port)
@@ -127,7 +127,7 @@ def interrupt_one_host(workdir, victim, sig, *extra):
     lines = [l for l in log(workdir, i).splitlines() if 'stopped after step' in l]
     assert len(lines) == 1, log(workdir, i)[-3000:]
     stopped.append(int(lines[0].split('stopped after step ')[1].split()[0]))
-  assert stopped[0] == stopped[1] < STEPS
+  assert stopped[0] == stopped[1] < steps
   assert str(stopped[0]) in os.listdir(os.path.join(workdir, 'checkpoints'))
   return stopped[0]
 
@@ -147,7 +147,8 @@ def test_ctrl_c_on_the_coordinator_host_also_stops_every_host_at_one_step(tmp_pa
   # per dispatch: the hosts agree on a dispatch boundary.
   workdir = str(tmp_path / 'w')
   stopped = interrupt_one_host(workdir, 0, signal.SIGINT, '--config.input_pipeline=device',
-                               '--config.steps_per_dispatch=2', '--config.log_every_steps=2')
+                               '--config.steps_per_dispatch=2', '--config.log_every_steps=2',
+                               '--config.num_train_steps=60', steps=60)
   assert stopped % 2 == 0
   assert 'SIGINT received: stopped after step' in log(workdir, 0)
   assert 'SIGTERM (on some host) received: stopped after step' in log(workdir, 1)
