@@ -9,7 +9,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cifar_jax import distributed, train
+from cifar_jax import distributed, train, xla_cpu
 from cifar_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -47,6 +47,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_OnlyWarningsFromLibraries())
+  # Before any JAX backend starts: XLA reads XLA_FLAGS once.
+  logging.info('XLA:CPU convolutions: %s.', xla_cpu.use_fast_convolutions())
   try:
     distributed.initialize(
         distributed.plan(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id),

@@ -32,7 +32,7 @@ from absl import app, flags  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
 from cifar_jax import (compilation_cache, data_sources, dispatch, parallel,  # pylint: disable=wrong-import-position
-                       step as step_lib, train)
+                       step as step_lib, train, xla_cpu)
 
 config_flags.DEFINE_config_file('config', None, 'Training config to measure.', lock_config=False)
 flags.DEFINE_integer('steps', 40, 'Timed steps for each measurement.')
@@ -40,6 +40,7 @@ flags.DEFINE_integer('warmup', 5, 'Untimed steps (compile) before timing.')
 flags.DEFINE_integer('steps_per_dispatch', 16, 'Steps per call for the device-pipeline loop.')
 flags.DEFINE_integer('capacity_batches', 30, 'Batches timed for each input capacity.')
 flags.DEFINE_integer('capacity_batch_size', 1024, 'Global batch for the input capacity.')
+flags.DEFINE_bool('bare_only', False, 'Only the bare step, as one JSON line (for other scripts).')
 FLAGS = flags.FLAGS
 
 
@@ -113,6 +114,11 @@ def input_capacity(config, pipeline, num_batches):
 
 def main(_):
   config = FLAGS.config
+  print(f'XLA:CPU convolutions: {xla_cpu.use_fast_convolutions()}', flush=True)  # As main.py.
+  if FLAGS.bare_only:
+    bare, compile_s = bare_step(config, FLAGS.steps, FLAGS.warmup)
+    print(json.dumps({'images_per_sec': bare, 'compile_s': compile_s}))
+    return
   has_tf = True
   try:
     data_sources.import_tensorflow()

@@ -5,10 +5,13 @@ COMMAND (offline, from the official archive or its extracted folder):
       --config.data_dir=/path/to/folder/with/cifar-10-binary.tar.gz
 EXPECTED (measured 2026-11-24 on the 2-core CPU dev machine, 1 XLA CPU device, JAX 0.10.2, on
   the JPEG-75 copy of CIFAR-10 in shared/data, whose accuracies run a little below the original):
-  84.3% test accuracy (10,000 images) after 8 epochs / 3,120 steps, 17.2 minutes wall time
-  for the whole command (data load, compile, 4 evals included); ~401 images/sec.
-  Evals along the way: 68.1% (epoch 2), 75.8% (4), 80.2% (6), 84.3% (8).
-INPUT PIPELINE: device, measured against host back to back, same build, same command:
+  84.0% test accuracy (10,000 images) after 8 epochs / 3,120 steps, 7.9 minutes wall time
+  for the whole command (data load, compile, 4 evals included); ~882 images/sec.
+  Evals along the way: 68.6% (epoch 2), 77.4% (4), 79.5% (6), 84.0% (8).
+  main.py runs XLA:CPU convolutions without YNNPACK (cifar_jax/xla_cpu.py): with jaxlib's
+  default YNNPACK ones the same command took 17.2 minutes at 401 images/sec (84.3%).
+INPUT PIPELINE: device, measured against host back to back, same build, same command (both
+  with YNNPACK convolutions, before the switch above):
   | input_pipeline | accuracy | wall time | images/sec | peak RSS |
   | device         | 84.3%    | 17:10     | 401        | 1.6 GB   |
   | host (tf.data) | 83.7%    | 17:16     | 401        | 2.2 GB   |
