@@ -53,9 +53,10 @@ def flag_supported(verdicts_path: str = _VERDICTS, timeout_s: float = 60.0) -> b
       return False  # Unknown: leave XLA alone, and ask again next time.
     try:
       os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path + '.tmp', 'w', encoding='utf-8') as f:
+      tmp = f'{path}.{os.getpid()}.tmp'  # Several processes may probe at once.
+      with open(tmp, 'w', encoding='utf-8') as f:
         json.dump(verdicts, f)
-      os.replace(path + '.tmp', path)
+      os.replace(tmp, path)
     except OSError:
       pass  # A read-only home: probe again next launch.
   return bool(verdicts[key])
