@@ -93,7 +93,7 @@ def device_batch(feed: dict, step: jax.Array, i: jax.Array, *, config,  # pylint
   batch = device_pipeline.train_batch(
       feed['images'], feed['labels'], step, positions, seed=int(config.seed),
       batch_size=int(config.batch_size), dataset=config.dataset, cutout=int(config.cutout))
-  return constrain(batch) if constrain is not None and axis_name is None else batch
+  return constrain(batch) if constrain is not None else batch
 
 
 def eval_all(state: step_lib.TrainState, feed: dict, *, batch_size: int, dataset: str,
@@ -109,7 +109,7 @@ def eval_all(state: step_lib.TrainState, feed: dict, *, batch_size: int, dataset
   def body(j, totals):
     batch = device_pipeline.eval_batch(feed['images'], feed['labels'], j * batch_size + positions,
                                        dataset)
-    if constrain is not None and axis_name is None:
+    if constrain is not None:
       batch = constrain(batch)
     sums = step_lib.eval_step(state, batch, axis_name)
     return {k: totals[k] + sums[k] for k in EVAL_SUMS}

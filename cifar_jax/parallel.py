@@ -47,7 +47,8 @@ class Backend:
     self.mesh = jax.sharding.Mesh(np.array(self.devices), (AXIS,))
     self.replicated = NamedSharding(self.mesh, P())
     self.sharded = NamedSharding(self.mesh, P(AXIS))
-    self._dispatch_cache = {}
+    self._dispatch_cache = {}  # Compiled dispatch functions, by kind and config.
+    self._scalars = {}  # Dispatch scalar arguments on the devices, by value.
     if parallelism == 'pmap':
       self._train = jax.pmap(functools.partial(step_lib.train_step, axis_name=AXIS, sync_grads=True),
                              axis_name=AXIS, devices=self.devices, donate_argnums=(0,))
@@ -210,11 +211,11 @@ class Backend:
 
   def put_scalar(self, value: int):
     """An int32 scalar argument of the compiled dispatches (replicated; cached by value)."""
-    if ('scalar', value) not in self._dispatch_cache:
+    if value not in self._scalars:
       x = np.asarray(value, np.int32)
-      self._dispatch_cache[('scalar', value)] = x if self.name == 'pmap' else \
+      self._scalars[value] = x if self.name == 'pmap' else \
           jax.make_array_from_callback((), self.replicated, lambda index: x)
-    return self._dispatch_cache[('scalar', value)]
+    return self._scalars[value]
 
   def to_host(self, tree) -> dict:
     """Device metrics -> Python floats (the only device-to-host sync)."""

@@ -178,7 +178,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
       backend.prefetch(_host_blocks(train_data, config, start_step, sizes, k), put=backend.put_batches)
   poison = backend.put_scalar(_fault_step('nan'))
   carry = backend.put_state(dispatch.new_carry())
-  eval_metrics, result, compile_seconds = {}, None, None
+  eval_metrics, result = {}, None
+  first_record = {}  # What only the first train record of this launch carries.
   summed_steps, t_log = 0, time.perf_counter()
   step = start_step
   with preemption.PreemptionGuard() as guard:
@@ -187,10 +188,10 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         feed = next(feeds)  # (The host pipeline's start-up is not compile time.)
         t_dispatch = time.perf_counter()
         state, carry = run_steps(state, carry, feed, n, poison)
-        if compile_seconds is None:  # The first dispatch is one step: compile + one step.
+        if dispatch_index == 0:  # One step (dispatch.schedule): compile + one step.
           jax.block_until_ready(carry)
-          compile_seconds = time.perf_counter() - t_dispatch
-          logging.info('First step (compile included): %.2f s.', compile_seconds)
+          first_record['compile_seconds'] = time.perf_counter() - t_dispatch
+          logging.info('First step (compile included): %.2f s.', first_record['compile_seconds'])
         step += n
         summed_steps += n
         report(step)
@@ -200,10 +201,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
           host = {name: total / summed_steps for name, total in sums.items()}
           host['images_per_sec'] = summed_steps * config.batch_size / (time.perf_counter() - t_log)
           host['epoch'] = step / steps_per_epoch
-          if compile_seconds >= 0:  # In the first train record of this launch only.
-            host['compile_seconds'] = compile_seconds
-            compile_seconds = -1.0
-          writer.write_scalars(step, host)
+          writer.write_scalars(step, {**host, **first_record})
+          first_record = {}
           carry = backend.put_state(dispatch.new_carry())
           summed_steps = 0
           t_log = time.perf_counter()
