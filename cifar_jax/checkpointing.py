@@ -21,7 +21,7 @@ from absl import logging
 from cifar_jax.errors import UserError
 from cifar_jax.step import TrainState
 
-_FIELDS = ('step', 'params', 'batch_stats', 'opt_state', 'ema_params')
+_FIELDS = ('step', 'params', 'batch_stats', 'opt_state', 'ema_params', 'lookahead')
 
 
 # Orbax saves each replicated array "replica-parallel": every replica writes a slice, cut

@@ -4,18 +4,22 @@ Each problem raises `UserError` with one line naming the field and the fix.
 """
 from __future__ import annotations
 
+import json
 import os
 
 from cifar_jax import data_sources, models, optimizers, parallel, step
 from cifar_jax.errors import UserError
 
 INPUT_PIPELINES = ('host', 'device')
+PAD_MODES = ('zeros', 'reflect')
+FLIPS = ('random', 'alternating', 'none')
+TTA_LEVELS = (0, 1, 2)
 
 
 def _choice(config, field, choices):
   value = config.get(field)
   if value not in choices:
-    raise UserError(f'config.{field}={value!r} is unknown; use one of: {", ".join(choices)} '
+    raise UserError(f'config.{field}={value!r} is unknown; use one of: {", ".join(map(str, choices))} '
                     f'(e.g. --config.{field}={choices[0]})')
 
 
@@ -35,11 +39,30 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
   _choice(config, 'parallelism', parallel.BACKENDS)
   _choice(config, 'optimizer', optimizers.OPTIMIZERS)
   _choice(config, 'lr_schedule', optimizers.SCHEDULES)
+  _choice(config, 'lr_units', optimizers.LR_UNITS)
+  _choice(config, 'weight_decay_scope', optimizers.WEIGHT_DECAY_SCOPES)
+  _choice(config, 'crop_pad_mode', PAD_MODES)
+  _choice(config, 'flip', FLIPS)
+  _choice(config, 'tta', TTA_LEVELS)
+  if config.lr_units == 'per_1024_examples' and config.optimizer != 'sgd':
+    raise UserError(f'config.lr_units=per_1024_examples is defined for sgd only, not '
+                    f'{config.optimizer}; use --config.lr_units=batch256 or --config.optimizer=sgd')
+  if config.model_widths:
+    widths = tuple(config.model_widths)
+    if config.model not in models.WIDTHS_MODELS:
+      raise UserError(f'config.model_widths={widths} but model {config.model} has fixed widths; '
+                      f'set --config.model_widths="()" or use one of {", ".join(models.WIDTHS_MODELS)}')
+    if not all(isinstance(w, int) and w > 0 for w in widths):
+      raise UserError(f'config.model_widths={widths} must be positive integers, e.g. '
+                      '--config.model_widths="(64, 256, 256)"')
+  if not 0 <= config.crop_padding <= 31 or int(config.crop_padding) != config.crop_padding:
+    raise UserError(f'config.crop_padding={config.crop_padding!r} must be an integer in 0..31')
   for field in ('batch_size', 'eval_batch_size', 'log_every_steps', 'eval_every_steps',
                 'checkpoint_every_steps', 'checkpoint_max_to_keep', 'learning_rate',
                 'steps_per_dispatch'):
     _positive(config, field)
-  for field in ('warmup_epochs', 'weight_decay', 'momentum', 'cutout', 'num_synthetic_examples'):
+  for field in ('warmup_epochs', 'weight_decay', 'momentum', 'cutout', 'num_synthetic_examples',
+                'bn_bias_lr_multiplier', 'whiten_bias_epochs', 'lookahead_every'):
     _positive(config, field, allow_zero=True)
   if config.parallelism == 'pmap' and process_count > 1:
     raise UserError(f'config.parallelism=pmap runs in one process only, but this job has '
@@ -72,7 +95,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise UserError('config.num_epochs and config.num_train_steps are both <= 0; '
                     'set --config.num_epochs=N or --config.num_train_steps=N')
-  for field in ('ema_decay', 'label_smoothing'):
+  for field in ('ema_decay', 'label_smoothing', 'lookahead_decay', 'lr_end_fraction'):
     if not 0.0 <= config.get(field) < 1.0:
       raise UserError(f'config.{field}={config.get(field)!r} must be in [0, 1); '
                       f'set --config.{field}=0 to turn it off')
@@ -96,7 +119,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
 RESUME_SAFE_FIELDS = frozenset({
     'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'checkpoint_max_to_keep',
     'checkpoint_step', 'num_epochs', 'num_train_steps', 'data_dir', 'eval_batch_size',
-    'parallelism', 'steps_per_dispatch', 'compilation_cache_dir',
+    'parallelism', 'steps_per_dispatch', 'compilation_cache_dir', 'tta', 'tta_every_eval',
 })
 
 
@@ -106,7 +129,9 @@ def check_resume(saved: dict, config, allow_change: bool = False) -> list[str]:
   Returns the changed safe fields (for logging). Raises UserError listing the
   changed trajectory fields unless `allow_change`.
   """
-  current = config.to_dict()
+  # Both as config.json holds them (JSON has no tuples: a tuple field reads back as a list).
+  saved = json.loads(json.dumps(saved))
+  current = json.loads(config.to_json_best_effort())
   changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
   risky = [k for k in changed if k not in RESUME_SAFE_FIELDS]
   if risky and not allow_change:

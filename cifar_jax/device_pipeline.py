@@ -16,10 +16,11 @@ count or backend, so resumes and topology changes are exact:
 - Crop offsets, flips and cutout centres come from `jax.random` keys folded
   from (seed, step, position of the example in the global batch).
 
-Same semantics as the host pipeline (zero-padded 4-pixel random crop, flip with
-probability 1/2, optional cutout to 0 after normalization, last partial batch of
-an epoch dropped), with JAX's random numbers instead of TensorFlow's: the two
-pipelines give different (equally distributed) batches.
+Same semantics as the host pipeline (random crop of the image padded by
+`config.crop_padding` pixels of zeros or reflection, random or alternating
+flips, optional cutout to 0 after normalization, last partial batch of an epoch
+dropped), with JAX's random numbers instead of TensorFlow's: the two pipelines
+give different (equally distributed) batches.
 
 Everything here is pure JAX over arrays and needs no TensorFlow.
 """
@@ -36,7 +37,7 @@ from cifar_jax.data_sources import MEAN_STD
 PAD = 4                    # Random-crop padding in pixels (as the host pipeline).
 FEISTEL_ROUNDS = 6         # Luby-Rackoff: 4 rounds of random functions already give a PRP.
 MEMORY_FRACTION = 0.5      # The data may take at most this share of a device's memory.
-_SHUFFLE, _AUGMENT = 0, 1  # Independent streams of the seed.
+_SHUFFLE, _AUGMENT, _FLIP_BASE = 0, 1, 2  # Independent streams of the seed.
 
 
 # --- the permutation ---------------------------------------------------------------
@@ -76,8 +77,39 @@ def _normalize(x: jax.Array, dataset: str) -> jax.Array:
   return (x.astype(jnp.float32) - mean) / std
 
 
+def _source_pixel(i: jax.Array, pad_mode: str) -> tuple[jax.Array, jax.Array]:
+  """Where pixel `i` of a padded axis (-pad .. 31+pad) comes from, and whether it is an
+  image pixel (False: a zero of `zeros` padding)."""
+  if pad_mode == 'reflect':  # As numpy/PyTorch 'reflect': the edge pixel is not repeated.
+    return jnp.where(i < 0, -i, jnp.where(i > 31, 62 - i, i)), jnp.ones(i.shape, bool)
+  return jnp.clip(i, 0, 31), (i >= 0) & (i < 32)
+
+
+def flips(seed: int, step: jax.Array, positions: jax.Array, index: jax.Array,
+          epoch: jax.Array, mode: str) -> jax.Array:
+  """Which examples of the batch are mirrored (bool [b]).
+
+  `random`: each with probability 1/2, drawn from (seed, step, position).
+  `alternating` (airbench): in epoch 0 at random, drawn from (seed, example
+  index); from then on every example is mirrored in alternate epochs, the
+  opposite of the epoch before, so two consecutive epochs show both views.
+  `none`: never.
+  """
+  if mode == 'none':
+    return jnp.zeros(positions.shape, bool)
+  seed_key = jax.random.key(seed)
+  if mode == 'alternating':
+    base_key = jax.random.fold_in(seed_key, _FLIP_BASE)
+    first = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(base_key, i)))(index)
+    return first ^ (epoch % 2 == 1)
+  step_key = jax.random.fold_in(jax.random.fold_in(seed_key, _AUGMENT), step)
+  return jax.vmap(lambda p: jax.random.bernoulli(
+      jax.random.split(jax.random.fold_in(step_key, p), 3)[1]))(positions)
+
+
 def train_batch(images: jax.Array, labels: jax.Array, step: jax.Array, positions: jax.Array, *,
-                seed: int, batch_size: int, dataset: str, cutout: int = 0) -> dict:
+                seed: int, batch_size: int, dataset: str, cutout: int = 0, pad: int = PAD,
+                pad_mode: str = 'zeros', flip: str = 'random') -> dict:
   """The rows `positions` (of the global batch) of train batch `step`.
 
   Args:
@@ -85,6 +117,9 @@ def train_batch(images: jax.Array, labels: jax.Array, step: jax.Array, positions
     step: the 0-based step (int32 scalar, traced); epochs are N // batch_size steps.
     positions: int32 [b], positions in the global batch this call makes (all of
       them under jit, a device's rows under pmap/shard_map).
+    pad, pad_mode: random crop of the image padded by `pad` pixels of `zeros` or
+      `reflect` (a translation by up to `pad` pixels; 0 = no crop).
+    flip: `random` | `alternating` | `none` (`flips`).
   Returns {'image': float32 [b,32,32,3] normalized, 'label': int32 [b]}.
   """
   n = images.shape[0]
@@ -96,17 +131,18 @@ def train_batch(images: jax.Array, labels: jax.Array, step: jax.Array, positions
 
   step_key = jax.random.fold_in(jax.random.fold_in(seed_key, _AUGMENT), step)
   keys = jax.vmap(lambda p: jax.random.split(jax.random.fold_in(step_key, p), 3))(positions)
-  offsets = jax.vmap(lambda k: jax.random.randint(k, (2,), 0, 2 * PAD + 1))(keys[:, 0])
-  flip = jax.vmap(jax.random.bernoulli)(keys[:, 1])
+  offsets = jax.vmap(lambda k: jax.random.randint(k, (2,), 0, 2 * pad + 1))(keys[:, 0])
+  flip = flips(seed, step, positions, index, epoch, flip)
   grid = jnp.arange(32)
   # Crop, then flip: output pixel (i, j) is padded pixel (dy + i, dx + j'), j' = 31 - j if
-  # flipped; the padding is zeros. One gather does the example lookup, crop and flip.
-  rows = offsets[:, :1] - PAD + grid                                  # [b, 32]
-  cols = offsets[:, 1:] - PAD + jnp.where(flip[:, None], 31 - grid, grid)
-  inside = ((rows >= 0) & (rows < 32))[:, :, None] & ((cols >= 0) & (cols < 32))[:, None, :]
-  pixels = images[index[:, None, None], jnp.clip(rows, 0, 31)[:, :, None],
-                  jnp.clip(cols, 0, 31)[:, None, :]]                  # [b, 32, 32, 3]
-  x = _normalize(jnp.where(inside[..., None], pixels, 0), dataset)
+  # flipped. One gather does the example lookup, crop and flip.
+  rows, rows_in = _source_pixel(offsets[:, :1] - pad + grid, pad_mode)            # [b, 32]
+  cols, cols_in = _source_pixel(offsets[:, 1:] - pad + jnp.where(flip[:, None], 31 - grid, grid),
+                                pad_mode)
+  pixels = images[index[:, None, None], rows[:, :, None], cols[:, None, :]]      # [b, 32, 32, 3]
+  if pad_mode == 'zeros':
+    pixels = jnp.where((rows_in[:, :, None] & cols_in[:, None, :])[..., None], pixels, 0)
+  x = _normalize(pixels, dataset)
   if cutout:
     centres = jax.vmap(lambda k: jax.random.randint(k, (2,), 0, 32))(keys[:, 2])
     # A cutout x cutout square around the centre (clipped at the border).

@@ -92,12 +92,13 @@ def device_batch(feed: dict, step: jax.Array, i: jax.Array, *, config,  # pylint
   positions = local_positions(config.batch_size, axis_name, constrain)
   batch = device_pipeline.train_batch(
       feed['images'], feed['labels'], step, positions, seed=int(config.seed),
-      batch_size=int(config.batch_size), dataset=config.dataset, cutout=int(config.cutout))
+      batch_size=int(config.batch_size), dataset=config.dataset, cutout=int(config.cutout),
+      pad=int(config.crop_padding), pad_mode=config.crop_pad_mode, flip=config.flip)
   return constrain(batch) if constrain is not None else batch
 
 
 def eval_all(state: step_lib.TrainState, feed: dict, *, batch_size: int, dataset: str,
-             axis_name: str | None = None, constrain=None) -> dict:
+             axis_name: str | None = None, constrain=None, tta: int = 0) -> dict:
   """Sums of `step.eval_step` over every example of the device-resident test split.
 
   Global batches of `batch_size` (a multiple of the device count) in order; the
@@ -111,7 +112,7 @@ def eval_all(state: step_lib.TrainState, feed: dict, *, batch_size: int, dataset
                                        dataset)
     if constrain is not None:
       batch = constrain(batch)
-    sums = step_lib.eval_step(state, batch, axis_name)
+    sums = step_lib.eval_step(state, batch, axis_name, tta)
     return {k: totals[k] + sums[k] for k in EVAL_SUMS}
 
   zeros = {k: jnp.zeros((), jnp.float32) for k in EVAL_SUMS}

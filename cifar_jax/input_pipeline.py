@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from cifar_jax.data_sources import MEAN_STD, Split, import_tensorflow
-PAD = 4  # Random-crop padding in pixels.
+PAD = 4  # Random-crop padding in pixels when the config does not say.
 _SHUFFLE, _CROP, _FLIP, _CUTOUT = range(4)  # Independent stateless streams.
 
 
@@ -30,8 +30,10 @@ def train_batches(data: Split, config, start_step: int, end_step: int,
   """Yields this process's slice of global batches start_step .. end_step-1.
 
   Each epoch is a fresh permutation (the last partial batch of an epoch is
-  dropped); images get a random 4-pixel-padded crop, a random horizontal flip
-  and, if `config.cutout` > 0, a cutout square, then normalization.
+  dropped); images get a random crop of the image padded by `config.crop_padding`
+  pixels (`crop_pad_mode`: zeros or reflection), a horizontal flip (`config.flip`:
+  random, alternating as in `device_pipeline.flips`, or none) and, if
+  `config.cutout` > 0, a cutout square, then normalization.
   Yields {'image': float32 [b, 32, 32, 3], 'label': int32 [b]}.
   """
   tf = import_tensorflow()
@@ -46,9 +48,15 @@ def train_batches(data: Split, config, start_step: int, end_step: int,
   images = tf.constant(data.images)
   labels = tf.constant(data.labels.astype(np.int32))
   cutout = int(config.get('cutout', 0))
+  pad = int(config.get('crop_padding', PAD))
+  pad_mode = {'zeros': 'CONSTANT', 'reflect': 'REFLECT'}[config.get('crop_pad_mode', 'zeros')]
+  flip_mode = config.get('flip', 'random')
 
   def stream(kind, counter):
     return tf.stack([tf.constant(seed, tf.int64) * 4 + kind, tf.cast(counter, tf.int64)])
+
+  # Counter -1 never collides with a step's stream.
+  first_flip = tf.random.stateless_uniform([n], stream(_FLIP, -1)) < 0.5
 
   def make_batch(step):
     epoch, k = step // steps_per_epoch, step % steps_per_epoch
@@ -57,13 +65,18 @@ def train_batches(data: Split, config, start_step: int, end_step: int,
     x = tf.gather(images, idx)
     # Random crop: the randoms are drawn for the whole global batch, then sliced,
     # so example i of step s gets the same crop on any number of processes.
-    offsets = tf.random.stateless_uniform([batch, 2], stream(_CROP, step), 0, 2 * PAD + 1,
+    offsets = tf.random.stateless_uniform([batch, 2], stream(_CROP, step), 0, 2 * pad + 1,
                                           dtype=tf.int32)[lo:lo + local]
-    x = tf.pad(x, [[0, 0], [PAD, PAD], [PAD, PAD], [0, 0]])
+    x = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode=pad_mode)
     grid = tf.range(32)[None, :]
     x = tf.gather(x, offsets[:, :1] + grid, axis=1, batch_dims=1)
     x = tf.gather(x, offsets[:, 1:] + grid, axis=2, batch_dims=1)
-    flip = tf.random.stateless_uniform([batch], stream(_FLIP, step))[lo:lo + local] < 0.5
+    if flip_mode == 'random':
+      flip = tf.random.stateless_uniform([batch], stream(_FLIP, step))[lo:lo + local] < 0.5
+    elif flip_mode == 'alternating':  # Epoch 0 at random by example, then alternating.
+      flip = tf.math.logical_xor(tf.gather(first_flip, idx), epoch % 2 == 1)
+    else:
+      flip = tf.zeros([local], tf.bool)
     x = tf.where(flip[:, None, None, None], tf.reverse(x, [2]), x)
     x = (tf.cast(x, tf.float32) - mean) / std
     if cutout:

@@ -12,6 +12,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 _he_normal = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -37,6 +38,8 @@ def max_pool_2x2(x):
   Same values as `nnx.max_pool(x, (2, 2), (2, 2))`, but its gradient avoids
   XLA's select-and-scatter, which is ~5x slower on CPU.
   """
+  h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2  # Odd sizes: floor, as max_pool does.
+  x = x[:, :h, :w]
   return jnp.maximum(jnp.maximum(x[:, ::2, ::2], x[:, ::2, 1::2]),
                      jnp.maximum(x[:, 1::2, ::2], x[:, 1::2, 1::2]))
 
@@ -230,6 +233,111 @@ class FastCNN(nnx.Module):
     return self.head(jnp.max(x, axis=(1, 2)))
 
 
+# --- airbench: Keller Jordan's airbench94 network (arXiv:2404.00498) ---------------
+class Whitening(nnx.Module):
+  """A 2x2 VALID convolution whose kernel whitens the images' 2x2 patches.
+
+  Its 24 filters are the 12 eigenvectors of the training patches' (uncentred)
+  covariance, each divided by sqrt(eigenvalue + eps), and their negatives
+  (`whitening_kernel`). The kernel is set from data by `create_train_state` and
+  never trained (`optimizers.param_labels` labels it 'frozen'); the bias is
+  trained only for the first `config.whiten_bias_epochs` ('whiten_bias').
+  """
+
+  def __init__(self, cin, cout, *, dtype, rngs):
+    self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (2, 2, cin, cout)))
+    self.bias = nnx.Param(jnp.zeros((cout,)))
+    self.dtype = dtype
+
+  def __call__(self, x):
+    # stop_gradient: the kernel is never trained, so its gradient is not even computed.
+    kernel = jax.lax.stop_gradient(self.kernel[...]).astype(self.dtype)
+    y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel, (1, 1), 'VALID',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y + self.bias[...].astype(self.dtype)
+
+
+def whitening_kernel(images: np.ndarray, eps: float = 5e-4) -> np.ndarray:
+  """The Whitening kernel [2, 2, C, 4C] for normalized float images [N, H, W, C].
+
+  Computed in float64 on the host, so it is the same on every process and
+  backend; each eigenvector's sign is fixed (largest component positive),
+  since an eigen-solver may return either.
+  """
+  x = np.asarray(images, np.float64)
+  n, h, w, c = x.shape
+  patches = np.stack([x[:, i:h - 1 + i, j:w - 1 + j] for i in (0, 1) for j in (0, 1)], axis=-2)
+  patches = patches.reshape(-1, 4 * c)  # (row, col, channel) order = the HWIO kernel's.
+  covariance = patches.T @ patches / len(patches)
+  eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+  eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]  # Largest first.
+  signs = np.sign(eigenvectors[np.abs(eigenvectors).argmax(0), np.arange(4 * c)])
+  filters = eigenvectors * signs / np.sqrt(eigenvalues + eps)  # [4C, 4C]: one per column.
+  return np.concatenate([filters, -filters], axis=1).reshape(2, 2, c, 8 * c).astype(np.float32)
+
+
+def _uniform_fan_in(key, shape, dtype=jnp.float32):
+  """PyTorch's default conv/linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in over
+  all but the last (output) axis."""
+  bound = 1.0 / np.sqrt(np.prod(shape[:-1]))
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _dirac_init(key, shape, dtype=jnp.float32):
+  """A 3x3 kernel whose first min(cin, cout) filters pass their input channel through
+  (PyTorch's dirac_); the others as `_uniform_fan_in`."""
+  k = min(shape[2], shape[3])
+  kernel = _uniform_fan_in(key, shape, dtype).at[:, :, :, :k].set(0.0)
+  return kernel.at[shape[0] // 2, shape[1] // 2, jnp.arange(k), jnp.arange(k)].set(1.0)
+
+
+def _dirac_conv(cin, cout, rngs, dtype):
+  return nnx.Conv(cin, cout, (3, 3), padding='SAME', use_bias=False, kernel_init=_dirac_init,
+                  dtype=dtype, rngs=rngs)
+
+
+def _airbench_bn(features, rngs, dtype):
+  # No learned scale (PyTorch's weight fixed at 1), eps 1e-12, PyTorch momentum 0.6 (Flax 0.4).
+  return nnx.BatchNorm(features, momentum=0.4, epsilon=1e-12, use_scale=False, dtype=dtype,
+                       use_fast_variance=False, rngs=rngs)
+
+
+class _AirbenchBlock(nnx.Module):
+
+  def __init__(self, cin, cout, *, dtype, rngs):
+    self.conv1 = _dirac_conv(cin, cout, rngs, dtype)
+    self.norm1 = _airbench_bn(cout, rngs, dtype)
+    self.conv2 = _dirac_conv(cout, cout, rngs, dtype)
+    self.norm2 = _airbench_bn(cout, rngs, dtype)
+
+  def __call__(self, x):
+    x = nnx.gelu(self.norm1(max_pool_2x2(self.conv1(x))), approximate=False)
+    return nnx.gelu(self.norm2(self.conv2(x)), approximate=False)
+
+
+class Airbench(nnx.Module):
+  """airbench94: whitening 2x2 conv (24 channels) + GELU, three (conv, pool, BN, GELU,
+  conv, BN, GELU) blocks of `widths` (64/256/256), 3x3 max-pool, bias-free head x 1/9.
+
+  BatchNorm has no scale; half of each conv's filters start as identities. The
+  whitening kernel comes from the data (`whitening_kernel`). `widths` is
+  `config.model_widths`, so a CPU-sized variant is this same code.
+  """
+
+  def __init__(self, num_classes, widths=(64, 256, 256), *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.whiten = Whitening(3, 24, dtype=dtype, rngs=rngs)
+    self.blocks = nnx.List([_AirbenchBlock(a, b, dtype=dtype, rngs=rngs)
+                            for a, b in zip((24,) + tuple(widths[:-1]), widths)])
+    self.head = nnx.Linear(widths[-1], num_classes, use_bias=False, dtype=dtype, rngs=rngs,
+                           kernel_init=_uniform_fan_in)
+
+  def __call__(self, x):
+    x = nnx.gelu(self.whiten(x), approximate=False)
+    for block in self.blocks:
+      x = block(x)
+    return self.head(jnp.max(x, axis=(1, 2))) / 9.0
+
+
 MODELS: dict[str, Callable[..., nnx.Module]] = {
     'tutorial_cnn': TutorialCNN,
     'resnet20': functools.partial(CifarResNet, 20),
@@ -237,15 +345,26 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     'resnet18': ResNet18,
     'wrn28_10': functools.partial(WideResNet, 28, 10),
     'fast_cnn': FastCNN,
+    'airbench': Airbench,
 }
+WIDTHS_MODELS = ('airbench', 'fast_cnn')  # Models that take `config.model_widths`.
 
 
-def create_model(name: str, num_classes: int, *, dtype=jnp.float32,
-                 rngs: nnx.Rngs) -> nnx.Module:
-  """Builds the registered model `name`; raises ValueError naming the choices."""
+def create_model(name: str, num_classes: int, *, dtype=jnp.float32, rngs: nnx.Rngs,
+                 widths: tuple[int, ...] = ()) -> nnx.Module:
+  """Builds the registered model `name` (`widths`: its block widths, for the models in
+  WIDTHS_MODELS; empty = the model's own); raises ValueError naming the choices."""
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; choose one of {sorted(MODELS)}')
-  return MODELS[name](num_classes, dtype=dtype, rngs=rngs)
+  if widths and name not in WIDTHS_MODELS:
+    raise ValueError(f'model {name!r} has fixed widths; widths are for {WIDTHS_MODELS}')
+  kwargs = {'widths': tuple(int(w) for w in widths)} if widths else {}
+  return MODELS[name](num_classes, dtype=dtype, rngs=rngs, **kwargs)
+
+
+def whitening_layers(model: nnx.Module) -> list[tuple[tuple, Whitening]]:
+  """(path, module) of every data-initialized whitening layer in `model`."""
+  return [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, Whitening)]
 
 
 def param_count(model: nnx.Module) -> int:

@@ -52,19 +52,22 @@ class Backend:
     if parallelism == 'pmap':
       self._train = jax.pmap(functools.partial(step_lib.train_step, axis_name=AXIS, sync_grads=True),
                              axis_name=AXIS, devices=self.devices, donate_argnums=(0,))
-      self._eval = jax.pmap(functools.partial(step_lib.eval_step, axis_name=AXIS),
-                            axis_name=AXIS, devices=self.devices)
+      self._eval = lambda tta: jax.pmap(functools.partial(step_lib.eval_step, axis_name=AXIS,
+                                                          tta=tta),
+                                        axis_name=AXIS, devices=self.devices)
     elif parallelism == 'shard_map':
       smap = lambda f, out: jax.shard_map(f, mesh=self.mesh, in_specs=(P(), P(AXIS)),
                                           out_specs=out, check_vma=True)
       self._train = jax.jit(smap(functools.partial(step_lib.train_step, axis_name=AXIS),
                                  (P(), P())), donate_argnums=(0,))
-      self._eval = jax.jit(smap(functools.partial(step_lib.eval_step, axis_name=AXIS), P()))
+      self._eval = lambda tta: jax.jit(smap(functools.partial(step_lib.eval_step, axis_name=AXIS,
+                                                              tta=tta), P()))
     else:
       self._train = jax.jit(step_lib.train_step, in_shardings=(self.replicated, self.sharded),
                             out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
-      self._eval = jax.jit(step_lib.eval_step, in_shardings=(self.replicated, self.sharded),
-                           out_shardings=self.replicated)
+      self._eval = lambda tta: jax.jit(functools.partial(step_lib.eval_step, tta=tta),
+                                       in_shardings=(self.replicated, self.sharded),
+                                       out_shardings=self.replicated)
 
   # --- placement ---------------------------------------------------------------
   def put_state(self, state: step_lib.TrainState) -> step_lib.TrainState:
@@ -106,8 +109,12 @@ class Backend:
   def train_step(self, state, batch):
     return self._train(state, batch)
 
-  def eval_step(self, state, batch):
-    return self._eval(state, batch)
+  def eval_step(self, state, batch, tta: int = 0):
+    """`step.eval_step` with test-time augmentation level `tta` (compiled once per level)."""
+    key = ('eval_step', tta)
+    if key not in self._dispatch_cache:
+      self._dispatch_cache[key] = self._eval(tta)
+    return self._dispatch_cache[key](state, batch)
 
   # --- many steps per call (dispatch.py) ----------------------------------------
   def compile(self, fn, kinds, out_kinds, donate=()):
@@ -169,15 +176,16 @@ class Backend:
       self._dispatch_cache[key] = run
     return self._dispatch_cache[key]
 
-  def eval_dispatch(self, config):
-    """Compiled `(state, test_data) -> sums` over the whole device-resident test split."""
-    key = ('eval', id(config))
+  def eval_dispatch(self, config, tta: int = 0):
+    """Compiled `(state, test_data) -> sums` over the whole device-resident test split,
+    with test-time augmentation level `tta`."""
+    key = ('eval', id(config), tta)
     if key not in self._dispatch_cache:
       batch_size = self.eval_batch_size(config.eval_batch_size)
 
       def fn(state, feed, axis_name, constrain=None):
         return (dispatch.eval_all(state, feed, batch_size=batch_size, dataset=config.dataset,
-                                  axis_name=axis_name, constrain=constrain),)
+                                  axis_name=axis_name, constrain=constrain, tta=tta),)
 
       compiled = self.compile(fn, ('state', 'data'), ('state',))
       self._dispatch_cache[key] = lambda state, feed: compiled(state, feed)[0]

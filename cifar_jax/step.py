@@ -11,10 +11,12 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
 from cifar_jax import models, optimizers
+from cifar_jax.data_sources import MEAN_STD
 
 DATASETS = {'cifar10': (10, 50_000, 10_000), 'cifar100': (100, 50_000, 10_000)}
 
@@ -35,37 +37,74 @@ class TrainState(struct.PyTreeNode):
   learning_rate_fn: Callable[[jax.Array], jax.Array] = struct.field(pytree_node=False)
   label_smoothing: float = struct.field(pytree_node=False, default=0.0)
   ema_decay: float = struct.field(pytree_node=False, default=0.0)
+  # Lookahead's slow weights {'params', 'batch_stats'}; None when `lookahead_every == 0`.
+  lookahead: Any = None
+  lookahead_every: int = struct.field(pytree_node=False, default=0)
+  lookahead_decay: float = struct.field(pytree_node=False, default=0.0)
+  total_steps: int = struct.field(pytree_node=False, default=0)
 
   def model(self, *, use_ema: bool = False) -> nnx.Module:
     params = self.ema_params if use_ema and self.ema_params is not None else self.params
     return nnx.merge(self.graphdef, params, self.batch_stats, copy=True)
 
 
-def create_train_state(config, rng: jax.Array,
-                       num_train_examples: int | None = None) -> TrainState:
-  """Initializes model, optimizer and EMA from `config` and a PRNG key.
+WHITENING_EXAMPLES = 5000  # A whitening layer is fitted to the first this many train images.
+
+
+def whitening_data(images: np.ndarray, dataset: str) -> np.ndarray:
+  """The normalized float images a whitening layer is fitted to: the first
+  WHITENING_EXAMPLES of the train split, in its stored order (so the fit is a
+  function of the data alone: the same on every process, backend and resume)."""
+  mean, std = (np.asarray(v, np.float64) * 255.0 for v in MEAN_STD[dataset])
+  return (np.asarray(images[:WHITENING_EXAMPLES], np.float64) - mean) / std
+
+
+def create_train_state(config, rng: jax.Array, num_train_examples: int | None = None,
+                       train_images: np.ndarray | None = None) -> TrainState:
+  """Initializes model, optimizer, EMA and Lookahead from `config` and a PRNG key.
 
   `num_train_examples` sets the epoch length for the LR schedule; it defaults
-  to the dataset's official train split size.
+  to the dataset's official train split size. `train_images` (uint8 [N,32,32,3])
+  initialize data-dependent layers (`models.Whitening`); without them those
+  keep their random init, which is fine for a template a checkpoint overwrites.
   """
   num_classes, default_examples, _ = DATASETS[config.dataset]
   num_train_examples = num_train_examples or default_examples
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   schedule = optimizers.learning_rate_schedule(config, num_train_examples)
-  tx = optimizers.create_optimizer(config, schedule)
+  widths = tuple(config.get('model_widths', ()))
+  make_model = lambda rng: models.create_model(config.model, num_classes, dtype=dtype,
+                                               rngs=nnx.Rngs(rng), widths=widths)
+  abstract = nnx.eval_shape(lambda: make_model(jax.random.key(0)))
+  labels = optimizers.param_labels(abstract, nnx.state(abstract, nnx.Param),
+                                   config.get('bn_bias_lr_multiplier', 1.0) != 1.0)
+  tx = optimizers.create_optimizer(config, schedule, labels, num_train_examples)
+  whitening = None
+  if train_images is not None and models.whitening_layers(abstract):
+    whitening = models.whitening_kernel(whitening_data(train_images, config.dataset))
+  lookahead_every = int(config.get('lookahead_every', 0))
 
-  def init(rng):
-    model = models.create_model(config.model, num_classes, dtype=dtype, rngs=nnx.Rngs(rng))
+  def init(rng, whitening):
+    model = make_model(rng)
+    if whitening is not None:
+      for _, layer in models.whitening_layers(model):
+        layer.kernel[...] = whitening
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
         opt_state=tx.init(params),
-        ema_params=jax.tree.map(jnp.copy, params) if config.ema_decay > 0 else None,
+        ema_params=copy(params) if config.ema_decay > 0 else None,
         graphdef=graphdef, tx=tx, learning_rate_fn=schedule,
-        label_smoothing=float(config.label_smoothing), ema_decay=float(config.ema_decay))
+        label_smoothing=float(config.label_smoothing), ema_decay=float(config.ema_decay),
+        lookahead=({'params': copy(params), 'batch_stats': copy(batch_stats)}
+                   if lookahead_every else None),
+        lookahead_every=lookahead_every,
+        lookahead_decay=float(config.get('lookahead_decay', 0.0)),
+        total_steps=optimizers.total_steps(config, num_train_examples))
 
   # One compiled init instead of hundreds of eagerly dispatched ops (seconds on CPU).
-  return jax.jit(init)(rng)
+  return jax.jit(init)(rng, whitening)
 
 
 def _with_axis(model: nnx.Module, axis_name: str | None) -> nnx.Module:
@@ -113,6 +152,9 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = None,
     # As tf.train.ExponentialMovingAverage(num_updates=step): a short warm-up.
     decay = jnp.minimum(state.ema_decay, (1.0 + state.step) / (10.0 + state.step))
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+  lookahead = state.lookahead
+  if lookahead is not None:
+    params, batch_stats, lookahead = _lookahead(state, params, batch_stats)
   metrics = {
       'train_loss': loss,
       'train_accuracy': _pmean(jnp.mean(jnp.argmax(logits, -1) == labels), axis_name),
@@ -120,19 +162,62 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = None,
       'grad_norm': optax.tree.norm(grads),
   }
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, ema_params=ema_params)
+                            opt_state=opt_state, ema_params=ema_params, lookahead=lookahead)
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict, axis_name: str | None = None) -> dict:
-  """Sums over the real (mask=1) examples of `batch`; EMA weights when kept.
+def _lookahead(state: TrainState, params, batch_stats):
+  """airbench's Lookahead, after step t = state.step + 1 has updated the fast weights.
+
+  Every `lookahead_every` steps the slow weights move towards the fast ones,
+  slow <- d*slow + (1-d)*fast with d = lookahead_decay * (t/T)^3 (no averaging
+  early, the most at the end), and the fast weights restart from the slow ones.
+  After the last step T the fast weights become the slow ones: the model a run
+  ends with is the slow one. Unlike the EMA (which only watches), this changes
+  the trajectory. BatchNorm statistics are averaged too, as airbench does.
+  """
+  t = state.step + 1
+  fast = {'params': params, 'batch_stats': batch_stats}
+  progress = t.astype(jnp.float32) / max(state.total_steps, 1)
+  decay = state.lookahead_decay * progress ** 3
+  sync = t % state.lookahead_every == 0
+  # As a lerp (PyTorch's lerp_, as airbench), s + (1-d)(f - s): a weight that does not move
+  # (a frozen one) stays bit-identical, which d*s + (1-d)*f would round away from.
+  slow = jax.tree.map(lambda s, f: jnp.where(sync, s + (1.0 - decay) * (f - s), s),
+                      state.lookahead, fast)
+  fast = jax.tree.map(lambda s, f: jnp.where(sync | (t >= state.total_steps), s, f), slow, fast)
+  return fast['params'], fast['batch_stats'], slow
+
+
+def tta_logits(model: nnx.Module, images: jax.Array, level: int) -> jax.Array:
+  """Test-time augmentation, as airbench: 0 none; 1 the mean of the image's and its
+  mirror's logits; 2 half that, plus half the mean of the same for the image
+  translated by one pixel up-left and down-right (reflection-padded)."""
+  def mirror(x):
+    if level == 0:
+      return model(x).astype(jnp.float32)
+    return 0.5 * (model(x).astype(jnp.float32) + model(x[:, :, ::-1]).astype(jnp.float32))
+
+  logits = mirror(images)
+  if level >= 2:
+    padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')
+    h, w = images.shape[1:3]
+    shifted = [padded[:, :h, :w], padded[:, 2:, 2:]]
+    logits = 0.5 * logits + 0.25 * (mirror(shifted[0]) + mirror(shifted[1]))
+  return logits
+
+
+def eval_step(state: TrainState, batch: dict, axis_name: str | None = None,
+              tta: int = 0) -> dict:
+  """Sums over the real (mask=1) examples of `batch`; EMA weights when kept;
+  `tta`: test-time augmentation level (`tta_logits`).
 
   Returns sums, not means, so that batches (and devices) add up exactly:
   `loss_sum`, `correct`, `correct_top5`, `count`.
   """
   model = state.model(use_ema=True)
   model.eval()
-  logits = model(batch['image']).astype(jnp.float32)
+  logits = tta_logits(model, batch['image'], tta)
   labels = batch['label']
   mask = batch.get('mask', jnp.ones(labels.shape, jnp.float32)).astype(jnp.float32)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

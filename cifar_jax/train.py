@@ -35,8 +35,9 @@ def _fault_step(kind: str) -> int:
 
 
 def evaluate(backend: parallel.Backend, state, data: data_sources.Split, config,
-             test_feed: dict | None = None) -> dict:
-  """Top-1/top-5 accuracy and loss over exactly every example of `data`.
+             test_feed: dict | None = None, tta: int = 0) -> dict:
+  """Top-1/top-5 accuracy and loss over exactly every example of `data`, with test-time
+  augmentation level `tta` (`step.tta_logits`; recorded as `eval_tta`).
 
   With `test_feed` (the device-resident test split) one compiled call does the
   whole eval; otherwise host batches are fed one by one. The eval batch is
@@ -46,7 +47,7 @@ def evaluate(backend: parallel.Backend, state, data: data_sources.Split, config,
   the whole split.
   """
   if test_feed is not None:
-    totals = backend.eval_dispatch(config)(state, test_feed)
+    totals = backend.eval_dispatch(config, tta)(state, test_feed)
   else:
     from cifar_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     batch_size = backend.eval_batch_size(config.eval_batch_size)
@@ -54,13 +55,14 @@ def evaluate(backend: parallel.Backend, state, data: data_sources.Split, config,
     local = input_pipeline.eval_batches(data, config.dataset, batch_size, jax.process_index(),
                                         jax.process_count())
     for batch in backend.prefetch(local):
-      sums = backend.eval_step(state, batch)
+      sums = backend.eval_step(state, batch, tta)
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = backend.to_host(totals)
   count = totals['count']
   metrics = {'eval_loss': totals['loss_sum'] / count,
              'eval_accuracy': totals['correct'] / count,
-             'eval_count': count}
+             'eval_count': count,
+             'eval_tta': float(tta)}
   if config.dataset == 'cifar100':
     metrics['eval_top5_accuracy'] = totals['correct_top5'] / count
   return metrics
@@ -130,7 +132,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
       else (None, None)
 
   # --- model, optimizer and train state ---
-  state = step_lib.create_train_state(config, jax.random.key(config.seed), num_train)
+  state = step_lib.create_train_state(config, jax.random.key(config.seed), num_train,
+                                      train_images=train_data.images)
 
   # --- checkpoint: resume from the newest intact one ---
   manager = checkpointing.create_manager(workdir, config.checkpoint_max_to_keep)
@@ -208,7 +211,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
           t_log = time.perf_counter()
         if step % config.eval_every_steps == 0 or step == total_steps:
           check_finite()
-          eval_metrics = evaluate(backend, state, test_data, config, test_feed)
+          tta = config.tta if step == total_steps or config.tta_every_eval else 0
+          eval_metrics = evaluate(backend, state, test_data, config, test_feed, tta)
           writer.write_scalars(step, eval_metrics)
           checkpointing.save(best_manager, backend.get_state(state), step, metrics=eval_metrics)
           t_log = time.perf_counter()
@@ -225,7 +229,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
 
       # Still inside the guard: a second Ctrl-C while the last save finishes exits at once.
       if result is None and not eval_metrics:  # Nothing left to train: still report the eval.
-        eval_metrics = evaluate(backend, state, test_data, config, test_feed)
+        eval_metrics = evaluate(backend, state, test_data, config, test_feed, config.tta)
         writer.write_scalars(total_steps, eval_metrics)
     finally:
       # Also on an error (e.g. NaN): a save in flight must land before the process exits,
@@ -257,7 +261,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   if state is None:
     raise UserError(f'{directory} holds no checkpoint; train first')
   step = int(state.step)
-  metrics = evaluate(backend, backend.put_state(state), test_data, config, test_feed)
+  metrics = evaluate(backend, backend.put_state(state), test_data, config, test_feed, config.tta)
   logging.info('Eval of %s/%d%s: %s', directory, step,
                ' (EMA weights)' if state.ema_params is not None else '', metrics)
   manager.close()

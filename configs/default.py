@@ -9,11 +9,15 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # --- model and data ---
-  config.model = 'resnet20'          # Registry name: tutorial_cnn|resnet20|resnet56|resnet18|wrn28_10|fast_cnn.
+  config.model = 'resnet20'          # Registry name: tutorial_cnn|resnet20|resnet56|resnet18|wrn28_10|fast_cnn|airbench.
+  config.model_widths = ()           # Block widths of airbench/fast_cnn, e.g. (64, 256, 256) (empty = the model's own).
   config.dataset = 'cifar10'         # cifar10 | cifar100.
   config.data_source = 'tfds'        # tfds | archive (official CIFAR downloads, offline) | synthetic.
   config.data_dir = ''               # tfds data_dir, or the folder/file holding the CIFAR archive.
   config.input_pipeline = 'host'     # host (tf.data on the CPU host) | device (data and augmentation on the devices; no TensorFlow).
+  config.crop_padding = 4            # Random crop of the image padded by this many pixels (0 = no crop).
+  config.crop_pad_mode = 'zeros'     # zeros | reflect (airbench: 2 pixels of reflection).
+  config.flip = 'random'             # random | alternating (airbench: mirrored in alternate epochs after the first) | none.
   config.cutout = 0                  # Cutout square side in pixels (0 = off).
   config.num_synthetic_examples = 0  # Train-split size for data_source=synthetic (0 = the real size).
   # --- length, batch and seed ---
@@ -28,14 +32,23 @@ def get_config() -> ml_collections.ConfigDict:
   config.compilation_cache_dir = '~/.cache/cifar_jax'  # JAX's persistent compilation cache ('' = off).
   # --- optimization ---
   config.optimizer = 'sgd'           # sgd | adamw | lars.
-  config.learning_rate = 0.1         # Peak LR for a global batch of 256; scaled linearly with batch_size.
-  config.warmup_epochs = 1.0         # Linear warm-up length in epochs.
-  config.lr_schedule = 'cosine'      # cosine | onecycle | piecewise.
+  config.lr_units = 'batch256'       # batch256 | per_1024_examples (sgd only; airbench's units, see optimizers.py).
+  config.learning_rate = 0.1         # batch256: peak LR for a global batch of 256, scaled linearly with batch_size.
+  config.warmup_epochs = 1.0         # Linear warm-up length in epochs (triangular/onecycle: where the peak is).
+  config.lr_schedule = 'cosine'      # cosine | onecycle | piecewise | triangular (0.2 -> 1 -> lr_end_fraction of the peak).
+  config.lr_end_fraction = 0.0       # Where the triangular schedule ends, as a fraction of its peak (airbench: 0.07).
   config.momentum = 0.9              # SGD/LARS momentum (0 = plain SGD).
   config.nesterov = True             # Nesterov momentum for SGD/LARS.
-  config.weight_decay = 5e-4         # L2 on kernels only (never biases or normalization parameters).
+  config.weight_decay = 5e-4         # batch256: L2 added to the gradient; per_1024_examples: per 1024 examples.
+  config.weight_decay_scope = 'kernels'  # kernels (never biases or normalization parameters) | all.
+  config.bn_bias_lr_multiplier = 1.0  # LR multiplier of BatchNorm biases' gradients (airbench: 64).
+  config.whiten_bias_epochs = 3.0    # airbench's whitening-layer bias is trained for this many epochs.
   config.label_smoothing = 0.0       # Label smoothing of the cross-entropy targets.
   config.ema_decay = 0.0             # Moving average of weights for eval (0 = off), e.g. 0.999.
+  config.lookahead_every = 0         # Lookahead: sync slow and fast weights every this many steps (0 = off; airbench: 5).
+  config.lookahead_decay = 0.95**5   # Lookahead's slow-weight decay at the end (ramped in as (step/total)^3).
+  config.tta = 0                     # Test-time augmentation of the final eval and --mode=eval: 0 none | 1 mirror | 2 mirror + 1-pixel translations.
+  config.tta_every_eval = False      # Also at the evals during training (each costs 1x/2x/6x a plain one).
   config.half_precision = False      # bfloat16 compute; float32 params, optimizer state and BN stats.
   # --- logging, eval and checkpoints ---
   config.log_every_steps = 100       # Train metrics and progress line every this many steps.

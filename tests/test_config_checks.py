@@ -17,6 +17,15 @@ from cifar_jax.errors import UserError
     ('learning_rate', -0.1, r'config.learning_rate=-0.1 must be'),
     ('input_pipeline', 'gpu', r'config.input_pipeline=.gpu. is unknown.*device'),
     ('steps_per_dispatch', 0, r'config.steps_per_dispatch=0 must be a number > 0'),
+    ('tta', 3, r'config.tta=3 is unknown; use one of: 0, 1, 2'),
+    ('flip', 'always', r'config.flip=.always. is unknown.*alternating'),
+    ('crop_pad_mode', 'edge', r'config.crop_pad_mode=.edge. is unknown.*reflect'),
+    ('crop_padding', 40, r'config.crop_padding=40 must be an integer in 0..31'),
+    ('lr_units', 'per_example', r'config.lr_units=.per_example. is unknown.*per_1024_examples'),
+    ('weight_decay_scope', 'biases', r'config.weight_decay_scope=.biases. is unknown.*all'),
+    ('model_widths', (32, 0), r'config.model_widths=\(32, 0\) must be positive integers'),
+    ('lookahead_decay', 1.0, r'config.lookahead_decay=1.0 must be in \[0, 1\)'),
+    ('bn_bias_lr_multiplier', -1.0, r'config.bn_bias_lr_multiplier=-1.0 must be a number >= 0'),
 ])
 def test_bad_values_name_the_field_and_the_fix(small_config, field, value, message):
   small_config[field] = value
@@ -62,9 +71,20 @@ def test_good_config_passes(small_config):
 
 
 def test_shipped_configs_are_valid():
-  from configs import cpu, default, gpu, tpu
-  for module in (default, cpu, gpu, tpu):
+  from configs import airbench, cpu, default, gpu, tpu
+  for module in (default, cpu, gpu, tpu, airbench):
     config = module.get_config()
     if config.data_source == 'archive':
       config.data_source = 'synthetic'  # Their data_dir is the user's.
     config_checks.validate(config, num_devices=8)
+
+
+def test_airbench_units_are_for_sgd_and_widths_for_models_that_have_them(small_config):
+  small_config.update(lr_units='per_1024_examples', optimizer='adamw')
+  with pytest.raises(UserError, match='per_1024_examples is defined for sgd only'):
+    config_checks.validate(small_config, num_devices=8)
+  small_config.update(optimizer='sgd', model='resnet20', model_widths=(16, 32, 64))
+  with pytest.raises(UserError, match='model resnet20 has fixed widths'):
+    config_checks.validate(small_config, num_devices=8)
+  small_config.model = 'airbench'
+  config_checks.validate(small_config, num_devices=8)

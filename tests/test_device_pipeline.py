@@ -157,3 +157,68 @@ def test_data_that_would_not_fit_names_the_host_pipeline(monkeypatch):
   splits = synthetic('cifar10', 'train', num_examples=20_000), synthetic('cifar10', 'test')
   with pytest.raises(UserError, match=r'needs 88 MiB .* 64 MiB; use --config.input_pipeline=host'):
     train._put_on_devices(parallel.Backend('jit'), *splits)  # pylint: disable=protected-access
+
+
+def _views(images):
+  """Per image of a batch: (example index, flipped?, source rows, source cols)."""
+  out = []
+  for img in raw(images):
+    rows, cols = img[:, 16, 1] - 1, img[16, :, 2] - 1  # Row/col each output pixel came from.
+    out.append((int(img[12:20, 12:20, 0].max()), bool(cols[10] > cols[20]), rows, cols))
+  return out
+
+
+def _reflect(i):
+  return np.where(i < 0, -i, np.where(i > 31, 62 - i, i))
+
+
+def test_alternating_flip_mirrors_each_image_in_alternate_epochs(feed):
+  config = _config(batch_size=32)
+  config.update(flip='alternating', crop_padding=2, crop_pad_mode='reflect')
+  out = batches(parallel.Backend('jit'), feed, config, range(9))  # 3 epochs of 3 steps.
+  flipped = {}
+  for step, (images, _) in enumerate(out):
+    for index, flip, _, _ in _views(images):
+      flipped.setdefault(index, [None] * 3)[step // 3] = flip
+  assert sorted(flipped) == list(range(N))
+  first = np.array([flipped[i][0] for i in range(N)])
+  assert 30 <= first.sum() <= 66  # Epoch 0 at random (p = 1/2).
+  for i in range(N):  # Then the opposite view in epoch 1 and the first one again in epoch 2.
+    assert flipped[i] == [first[i], not first[i], first[i]], i
+  # The pattern is a function of (seed, example index): the same for another batch size.
+  config.batch_size = 16
+  (images, _), = batches(parallel.Backend('jit'), feed, config, [0])
+  for index, flip, _, _ in _views(images):
+    assert flip == first[index]
+
+
+def test_reflection_padded_translation_by_up_to_2_pixels(feed):
+  config = _config(batch_size=96)
+  config.update(crop_padding=2, crop_pad_mode='reflect', flip='none')
+  (images, _), = batches(parallel.Backend('jit'), feed, config, [0])
+  grid, shifts = np.arange(32), set()
+  for _, flip, rows, cols in _views(images):
+    assert not flip
+    dy, dx = rows[16] - 16, cols[16] - 16
+    assert abs(dy) <= 2 and abs(dx) <= 2
+    # Every pixel is an image pixel (no zero padding): the border is mirrored, not repeated.
+    np.testing.assert_array_equal(rows, _reflect(grid + dy))
+    np.testing.assert_array_equal(cols, _reflect(grid + dx))
+    shifts.add((dy, dx))
+  assert len(shifts) == 25  # All 5 x 5 offsets occur among 96 images.
+
+
+def test_default_fields_keep_the_batches_of_earlier_versions():
+  # Checksums of batches made by commit 5c74c3d (before the crop/flip fields existed) from
+  # the same pixels: the new fields at their defaults must not change a single pixel.
+  images = (np.arange(N * 32 * 32 * 3) * 2654435761 % 251).astype(np.uint8).reshape(N, 32, 32, 3)
+  labels = (np.arange(N) % 10).astype(np.int32)
+  got = []
+  for cutout in (0, 8):
+    for s in (0, 5):
+      batch = jax.jit(lambda s, c=cutout: device_pipeline.train_batch(
+          jnp.asarray(images), jnp.asarray(labels), s, jnp.arange(32), seed=3, batch_size=32,
+          dataset='cifar10', cutout=c))(s)
+      px = raw(np.asarray(batch['image'])).astype(np.int64)
+      got.append(int((px * (np.arange(px.size).reshape(px.shape) % 9973 + 1)).sum() % (2**61 - 1)))
+  assert got == [51652381472, 52048564378, 51930200005, 52221733015]

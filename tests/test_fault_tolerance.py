@@ -264,3 +264,43 @@ def test_device_pipeline_kill_9_then_resume_is_bit_identical(device_reference, t
   # The first train record of each launch says how long its first step (compile) took.
   firsts = [r for r in records(workdir) if 'compile_seconds' in r]
   assert len(firsts) == 2 and all(r['compile_seconds'] > 0 for r in firsts)
+
+
+# --- configs/airbench.py: data-initialized whitening, Lookahead, TTA ---------------------
+AIRBENCH_STEPS = 24
+AIRBENCH_ARGS = ['--config=configs/airbench.py', '--config.model_widths=(8, 16, 16)',
+                 '--config.data_source=synthetic', '--config.num_synthetic_examples=512',
+                 '--config.batch_size=64', '--config.eval_batch_size=64',  # Test split: 102.
+                 '--config.half_precision=False', f'--config.num_train_steps={AIRBENCH_STEPS}',
+                 '--config.whiten_bias_epochs=1', '--config.steps_per_dispatch=8',
+                 '--config.log_every_steps=4', '--config.eval_every_steps=8',
+                 '--config.checkpoint_every_steps=8', CACHE_FLAG]
+
+
+def run_airbench(workdir, fault=None):
+  return subprocess.run([sys.executable, 'main.py', f'--workdir={workdir}', *AIRBENCH_ARGS],
+                        cwd=ROOT, env=_env(2, fault), capture_output=True, text=True, timeout=300)
+
+
+def test_airbench_config_trains_and_resumes_bit_identical_with_its_whitening(tmp_path):
+  from cifar_jax import data_sources, models, step as step_lib  # pylint: disable=import-outside-toplevel
+  reference, resumed = str(tmp_path / 'reference'), str(tmp_path / 'resumed')
+  result = run_airbench(reference)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert run_airbench(resumed, fault='kill_in_save@16').returncode == -signal.SIGKILL
+  result = run_airbench(resumed)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'at step 16.' in result.stderr or 'at step 8.' in result.stderr
+  want, got = (arrays(w, AIRBENCH_STEPS) for w in (reference, resumed))
+  assert_same(got, want)  # Params, BN statistics, optimizer and Lookahead state.
+  assert any(k.startswith("['lookahead']") for k in got)
+  # The whitening kernel is the data's (the first train images), in every checkpoint.
+  train = data_sources.synthetic('cifar10', 'train', 0, 512)
+  kernel = models.whitening_kernel(step_lib.whitening_data(train.images, 'cifar10'))
+  for workdir, step in ((reference, 8), (resumed, AIRBENCH_STEPS)):
+    np.testing.assert_array_equal(arrays(workdir, step)["['params']['whiten']['kernel']['value']"],
+                                  kernel)
+  evals = [r for r in records(reference) if 'eval_accuracy' in r]
+  assert [(r['step'], r['eval_tta'], r['eval_count']) for r in evals] == [
+      (8, 0, 102), (16, 0, 102), (AIRBENCH_STEPS, 2, 102)]  # TTA at the end only; all examples.
+  assert [r for r in records(resumed) if 'eval_accuracy' in r][-1] == evals[-1]

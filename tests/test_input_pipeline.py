@@ -6,6 +6,7 @@ import pytest
 
 from cifar_jax import input_pipeline
 from cifar_jax.data_sources import Split, synthetic
+from configs.default import get_config as default_config
 
 
 @pytest.fixture
@@ -105,3 +106,44 @@ def test_no_tensorflow_is_imported_until_the_host_pipeline_is_used(tmp_path):
           'w.close(); assert "tensorflow" not in sys.modules, "tensorflow imported"')
   subprocess.run([sys.executable, '-c', code], check=True, timeout=120,
                  cwd=__import__('os').path.dirname(__import__('os').path.dirname(__file__)))
+
+
+def test_host_alternating_flip_and_reflection_match_the_device_pipeline_semantics(small_config):
+  # Pixel (r, c) of example i holds (i, r + 1, c + 1), so flips and offsets can be read back.
+  n = 96
+  images = np.zeros((n, 32, 32, 3), np.uint8)
+  images[..., 0] = np.arange(n)[:, None, None]
+  images[..., 1] = np.arange(1, 33)[None, :, None]
+  images[..., 2] = np.arange(1, 33)[None, None, :]
+  small_config.update(batch_size=32, flip='alternating', crop_padding=2, crop_pad_mode='reflect',
+                      cutout=0)
+  mean, std = (np.asarray(v) * 255 for v in input_pipeline.MEAN_STD['cifar10'])
+  flipped = {}
+  for step, batch in enumerate(_batches(Split(images, np.zeros(n, np.int32)), small_config, 0, 9)):
+    for img in np.round(batch['image'] * std + mean).astype(int):
+      rows, cols = img[:, 16, 1] - 1, img[16, :, 2] - 1
+      assert rows.min() >= 0 and cols.min() >= 0  # Reflection: no zero padding anywhere.
+      flip = bool(cols[10] > cols[20])
+      assert abs(rows[16] - 16) <= 2 and abs(cols[16] - (15 if flip else 16)) <= 2
+      flipped.setdefault(int(img[16, 16, 0]), [None] * 3)[step // 3] = flip
+  assert sorted(flipped) == list(range(n))
+  first = [flipped[i][0] for i in range(n)]
+  assert 30 <= sum(first) <= 66
+  assert all(flipped[i] == [first[i], not first[i], first[i]] for i in range(n))
+
+
+def test_default_fields_keep_the_host_batches_of_earlier_versions():
+  # Checksums of batches made by commit 5c74c3d (before the crop/flip fields existed).
+  n = 96
+  images = (np.arange(n * 32 * 32 * 3) * 2654435761 % 251).astype(np.uint8).reshape(n, 32, 32, 3)
+  labels = (np.arange(n) % 10).astype(np.int32)
+  config = default_config()
+  config.update(batch_size=32, seed=3)
+  mean, std = (np.asarray(v) * 255 for v in input_pipeline.MEAN_STD['cifar10'])
+  got = []
+  for cutout in (0, 8):
+    config.cutout = cutout
+    for batch in _batches(Split(images, labels), config, 4, 6):
+      px = np.round(batch['image'] * std + mean).astype(np.int64)
+      got.append(int((px * (np.arange(px.size).reshape(px.shape) % 9973 + 1)).sum() % (2**61 - 1)))
+  assert got == [52072249732, 52382214884, 52232626759, 52485598115]

@@ -60,3 +60,41 @@ def test_local_response_norm_matches_its_formula():
   for c in range(12):
     window = np.sum(xn[..., max(0, c - 2):c + 3] ** 2, axis=-1)
     np.testing.assert_allclose(y[..., c], xn[..., c] / (1.0 + 0.5 * window) ** 0.75, rtol=1e-5)
+
+
+def test_airbench_has_airbench94s_layers_and_parameter_count():
+  # whiten 2x2x3x24 + 24; per block conv a->b, conv b->b (3x3, no bias), 2 BN biases of b;
+  # bias-free head 256 -> 10. BatchNorm has no scale.
+  blocks = sum(9 * a * b + 9 * b * b + 2 * b for a, b in ((24, 64), (64, 256), (256, 256)))
+  assert _abstract_count('airbench') == 2 * 2 * 3 * 24 + 24 + blocks + 256 * 10 == 1_971_640
+
+
+def test_airbench_widths_and_odd_sizes():
+  model = models.create_model('airbench', 10, rngs=nnx.Rngs(0), widths=(8, 16, 32))
+  model.eval()
+  assert model(jnp.ones((2, 32, 32, 3))).shape == (2, 10)  # 31 -> 15 -> 7 -> 3 -> max.
+  assert model.head.kernel[...].shape == (32, 10)
+  with pytest.raises(ValueError, match='fixed widths'):
+    models.create_model('resnet20', 10, rngs=nnx.Rngs(0), widths=(8, 16, 32))
+
+
+def test_airbench_convs_start_as_identities_on_their_first_channels():
+  model = models.create_model('airbench', 10, rngs=nnx.Rngs(0), widths=(32, 64, 64))
+  conv = model.blocks[0].conv1  # 24 -> 32: filters 0..23 pass channel i through.
+  x = jax.random.normal(jax.random.key(1), (2, 15, 15, 24))
+  np.testing.assert_allclose(conv(x)[..., :24], x, atol=1e-6)
+  assert float(jnp.abs(conv(x)[..., 24:]).mean()) > 0.01  # The rest random.
+
+
+def test_whitening_kernel_whitens_the_patches_and_is_deterministic():
+  rs = np.random.RandomState(0)
+  images = rs.randn(200, 8, 8, 3) @ rs.randn(3, 3) + rs.randn(3)  # Correlated channels.
+  kernel = models.whitening_kernel(images, eps=0.0)
+  assert kernel.shape == (2, 2, 3, 24)
+  np.testing.assert_array_equal(kernel, models.whitening_kernel(images.copy(), eps=0.0))
+  out = jax.lax.conv_general_dilated(jnp.asarray(images, jnp.float32), jnp.asarray(kernel),
+                                     (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  flat = np.asarray(out, np.float64).reshape(-1, 24)
+  second_moment = flat[:, :12].T @ flat[:, :12] / len(flat)
+  np.testing.assert_allclose(second_moment, np.eye(12), atol=1e-3)  # White patches.
+  np.testing.assert_allclose(flat[:, 12:], -flat[:, :12], atol=1e-5)  # And their negatives.

@@ -110,3 +110,71 @@ def test_half_precision_keeps_float32_state(small_config):
   leaves = jax.tree.leaves((state.params, state.batch_stats, state.opt_state, state.ema_params))
   assert {x.dtype for x in leaves if x.ndim} == {jnp.dtype('float32')}
   assert metrics['train_loss'].dtype == jnp.float32
+
+
+def _airbench_config(small_config, **kw):
+  small_config.update(model='airbench', model_widths=(8, 16, 16), ema_decay=0.0, **kw)
+  return small_config
+
+
+def test_lookahead_pulls_fast_weights_to_the_slow_ones(small_config):
+  config = _airbench_config(small_config, num_train_steps=4, lookahead_every=2,
+                            lookahead_decay=0.5, momentum=0.0)
+  batch = _batch()
+  with_la = create_train_state(config, jax.random.key(0), 256)
+  config.lookahead_every = 0
+  plain = create_train_state(config, jax.random.key(0), 256)
+  step = jax.jit(train_step)
+  for _ in range(2):
+    plain, _ = step(plain, batch)
+  first, _ = step(with_la, batch)  # Step 1: no sync, the same as a plain step.
+  np.testing.assert_array_equal(jax.tree.leaves(first.lookahead['params'])[0],
+                                jax.tree.leaves(with_la.params)[0])
+  second, _ = step(first, batch)  # Step 2 of 4: slow <- d*slow + (1-d)*fast, d = 0.5*(2/4)^3.
+  d = 0.5 * (2 / 4) ** 3
+  for p0, fast, slow, now in zip(*(jax.tree.leaves(t) for t in (
+      with_la.params, plain.params, second.lookahead['params'], second.params))):
+    np.testing.assert_allclose(slow, d * p0 + (1 - d) * fast, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(now, slow)  # The fast weights restart from the slow ones.
+  third, _ = step(second, batch)
+  last, _ = step(third, batch)  # The last step (4): the run ends on the slow weights.
+  for slow, now in zip(jax.tree.leaves(last.lookahead), jax.tree.leaves(
+      {'params': last.params, 'batch_stats': last.batch_stats})):
+    np.testing.assert_array_equal(now, slow)
+
+
+def test_tta_levels_average_the_documented_views(small_config):
+  state = create_train_state(_airbench_config(small_config), jax.random.key(0), 256)
+  model = state.model()
+  model.eval()
+  x = _batch(4)['image']
+  f = lambda v: model(v).astype(jnp.float32)
+  from cifar_jax import step as step_lib
+  np.testing.assert_allclose(step_lib.tta_logits(model, x, 0), f(x), rtol=1e-6)
+  mirror = lambda v: 0.5 * (f(v) + f(v[:, :, ::-1]))
+  np.testing.assert_allclose(step_lib.tta_logits(model, x, 1), mirror(x), rtol=1e-5, atol=1e-6)
+  padded = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')
+  want = 0.5 * mirror(x) + 0.25 * (mirror(padded[:, :32, :32]) + mirror(padded[:, 2:, 2:]))
+  np.testing.assert_allclose(step_lib.tta_logits(model, x, 2), want, rtol=1e-5, atol=1e-6)
+
+
+def test_tta_eval_counts_every_example_of_a_split_not_divisible_by_the_batch(small_config):
+  from cifar_jax import parallel, train
+  from cifar_jax import step as step_lib
+  from cifar_jax.data_sources import synthetic
+  config = _airbench_config(small_config, eval_batch_size=48)  # 104 = 2 * 48 + 8.
+  data = synthetic('cifar10', 'test')
+  data = type(data)(data.images[:104], data.labels[:104])
+  state = create_train_state(config, jax.random.key(0), 256)
+  model = state.model()
+  model.eval()
+  from cifar_jax.device_pipeline import _normalize  # pylint: disable=protected-access
+  logits = step_lib.tta_logits(model, _normalize(jnp.asarray(data.images), 'cifar10'), 2)
+  correct = int(jnp.sum(jnp.argmax(logits, -1) == data.labels))
+  for name in ('jit', 'shard_map'):
+    backend = parallel.Backend(name)
+    feed = backend.put_data({'images': data.images, 'labels': data.labels})
+    for test_feed in (feed, None):  # Device and host evals.
+      got = train.evaluate(backend, backend.put_state(state), data, config, test_feed, tta=2)
+      assert got['eval_count'] == 104 and got['eval_tta'] == 2
+      assert round(got['eval_accuracy'] * 104) == correct, (name, test_feed is None)
