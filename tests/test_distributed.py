@@ -4,6 +4,7 @@ The processes talk through JAX's distributed runtime on 127.0.0.1, each test on 
 fresh port; every process runs under a timeout. Also the start-up decision
 (`distributed.plan`), which needs no processes.
 """
+import itertools
 import os
 import signal
 import subprocess
@@ -19,7 +20,9 @@ from cifar_jax import distributed
 from cifar_jax.errors import UserError
 
 STEPS = 6
-ARGS = ['--config=configs/cpu.py', '--config.model=fast_cnn', '--config.data_source=synthetic',
+ARGS = ['--config=configs/default.py', '--config.lr_schedule=onecycle', '--config.warmup_epochs=2.0',
+        '--config.label_smoothing=0.2', '--config.steps_per_dispatch=50',  # The classic recipe.
+        '--config.model=fast_cnn', '--config.data_source=synthetic',
         '--config.num_synthetic_examples=512', '--config.batch_size=64',
         '--config.eval_batch_size=64', '--config.learning_rate=0.01',
         f'--config.num_train_steps={STEPS}', '--config.log_every_steps=1',
@@ -149,7 +152,9 @@ def test_ctrl_c_on_the_coordinator_host_also_stops_every_host_at_one_step(tmp_pa
   stopped = interrupt_one_host(workdir, 0, signal.SIGINT, '--config.input_pipeline=device',
                                '--config.steps_per_dispatch=2', '--config.log_every_steps=2',
                                '--config.num_train_steps=60', steps=60)
-  assert stopped % 2 == 0
+  from cifar_jax import dispatch  # pylint: disable=import-outside-toplevel
+  boundaries = itertools.accumulate(dispatch.schedule(0, 60, 2, (2, STEPS, 3)))
+  assert stopped in set(boundaries)  # Dispatches end at log (2) and checkpoint (3) steps.
   assert 'SIGINT received: stopped after step' in log(workdir, 0)
   assert 'SIGTERM (on some host) received: stopped after step' in log(workdir, 1)
 

@@ -16,7 +16,9 @@ import pytest
 from helpers import CACHE_FLAG, ROOT, checkpoint_arrays, logged_steps, subprocess_env
 from helpers import metrics_records as records
 STEPS = 12
-ARGS = ['--config=configs/cpu.py', '--config.model=fast_cnn', '--config.data_source=synthetic',
+ARGS = ['--config=configs/default.py', '--config.lr_schedule=onecycle', '--config.warmup_epochs=2.0',
+        '--config.label_smoothing=0.2', '--config.steps_per_dispatch=50',  # The classic recipe.
+        '--config.learning_rate=0.4', '--config.model=fast_cnn', '--config.data_source=synthetic',
         '--config.num_synthetic_examples=512', '--config.batch_size=64',
         '--config.eval_batch_size=64', '--config.ema_decay=0.9', f'--config.num_train_steps={STEPS}',
         '--config.log_every_steps=1', '--config.eval_every_steps=6',
