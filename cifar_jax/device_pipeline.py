@@ -85,26 +85,23 @@ def _source_pixel(i: jax.Array, pad_mode: str) -> tuple[jax.Array, jax.Array]:
   return jnp.clip(i, 0, 31), (i >= 0) & (i < 32)
 
 
-def flips(seed: int, step: jax.Array, positions: jax.Array, index: jax.Array,
-          epoch: jax.Array, mode: str) -> jax.Array:
+def flips(mode: str, random: jax.Array, seed: int, index: jax.Array,
+          epoch: jax.Array) -> jax.Array:
   """Which examples of the batch are mirrored (bool [b]).
 
-  `random`: each with probability 1/2, drawn from (seed, step, position).
+  `random`: the given coin flips, drawn from (seed, step, position).
   `alternating` (airbench): in epoch 0 at random, drawn from (seed, example
   index); from then on every example is mirrored in alternate epochs, the
   opposite of the epoch before, so two consecutive epochs show both views.
   `none`: never.
   """
   if mode == 'none':
-    return jnp.zeros(positions.shape, bool)
-  seed_key = jax.random.key(seed)
+    return jnp.zeros(random.shape, bool)
   if mode == 'alternating':
-    base_key = jax.random.fold_in(seed_key, _FLIP_BASE)
+    base_key = jax.random.fold_in(jax.random.key(seed), _FLIP_BASE)
     first = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(base_key, i)))(index)
     return first ^ (epoch % 2 == 1)
-  step_key = jax.random.fold_in(jax.random.fold_in(seed_key, _AUGMENT), step)
-  return jax.vmap(lambda p: jax.random.bernoulli(
-      jax.random.split(jax.random.fold_in(step_key, p), 3)[1]))(positions)
+  return random
 
 
 def train_batch(images: jax.Array, labels: jax.Array, step: jax.Array, positions: jax.Array, *,
@@ -132,7 +129,7 @@ def train_batch(images: jax.Array, labels: jax.Array, step: jax.Array, positions
   step_key = jax.random.fold_in(jax.random.fold_in(seed_key, _AUGMENT), step)
   keys = jax.vmap(lambda p: jax.random.split(jax.random.fold_in(step_key, p), 3))(positions)
   offsets = jax.vmap(lambda k: jax.random.randint(k, (2,), 0, 2 * pad + 1))(keys[:, 0])
-  flip = flips(seed, step, positions, index, epoch, flip)
+  flip = flips(flip, jax.vmap(jax.random.bernoulli)(keys[:, 1]), seed, index, epoch)
   grid = jnp.arange(32)
   # Crop, then flip: output pixel (i, j) is padded pixel (dy + i, dx + j'), j' = 31 - j if
   # flipped. One gather does the example lookup, crop and flip.
