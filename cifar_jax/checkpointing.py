@@ -93,9 +93,15 @@ def save(manager: ocp.CheckpointManager, state: TrainState, step: int,
   return manager.save(step, args=ocp.args.StandardSave(_arrays(state)), metrics=metrics)
 
 
-def restore(manager: ocp.CheckpointManager, template: TrainState,
-            sharding: jax.sharding.Sharding, step: int | None = None) -> TrainState | None:
+def restore(manager: ocp.CheckpointManager, template: TrainState, sharding,
+            step: int | None = None) -> TrainState | None:
   """The newest intact checkpoint (or exactly `step`) as a state like `template`.
+
+  `sharding`: the restored leaves' shardings, one for all or a tree like
+  `template` (e.g. `jax.tree.map(lambda x: x.sharding, template)`). Every leaf
+  gets its target sharding explicitly, whatever mesh and layout wrote the
+  checkpoint (Orbax would otherwise keep the saved layout), so a run can resume
+  on another device count, mesh or `config.sharding`.
 
   Returns None when there is no checkpoint. A checkpoint that cannot be read
   is skipped with a warning naming its directory; if none can be read, raises
@@ -109,8 +115,11 @@ def restore(manager: ocp.CheckpointManager, template: TrainState,
     steps = [step]
   if not steps:
     return None
-  target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), _arrays(template))
+  arrays = _arrays(template)
+  shardings = (jax.tree.map(lambda _: sharding, arrays)
+               if isinstance(sharding, jax.sharding.Sharding) else _arrays(sharding))
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        arrays, shardings)
   damaged = []
   for candidate in steps:
     try:

@@ -14,6 +14,7 @@ INPUT_PIPELINES = ('host', 'device')
 PAD_MODES = ('zeros', 'reflect')
 FLIPS = ('random', 'alternating', 'none')
 TTA_LEVELS = (0, 1, 2)
+REMATS = ('none', 'block')
 
 
 def _choice(config, field, choices):
@@ -44,6 +45,11 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
   _choice(config, 'crop_pad_mode', PAD_MODES)
   _choice(config, 'flip', FLIPS)
   _choice(config, 'tta', TTA_LEVELS)
+  _choice(config, 'sharding', parallel.SHARDINGS)
+  _choice(config, 'remat', REMATS)
+  if config.remat == 'block' and config.model in models.NO_BLOCK_MODELS:
+    raise UserError(f'config.remat=block but model {config.model} has no blocks to '
+                    'rematerialize; use --config.remat=none')
   if config.lr_units == 'per_1024_examples' and config.optimizer != 'sgd':
     raise UserError(f'config.lr_units=per_1024_examples is defined for sgd only, not '
                     f'{config.optimizer}; use --config.lr_units=batch256 or --config.optimizer=sgd')
@@ -82,14 +88,22 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
       raise UserError(f'config.data_source=tfds needs TensorFlow Datasets ({e}); install it '
                       '(pip install -r requirements.txt) or use --config.data_source=archive '
                       'with --config.data_dir=<folder with the CIFAR .tar.gz>') from None
+  data = _check_mesh(config, num_devices, process_count)
+  micro = config.get('micro_batches')
+  if not isinstance(micro, int) or micro < 1:
+    raise UserError(f'config.micro_batches={micro!r} must be an integer >= 1')
   for field in ('batch_size',):  # eval_batch_size is rounded up to fit (eval pads anyway).
     value = config.get(field)
     if int(value) != value:
       raise UserError(f'config.{field}={value!r} must be an integer')
-    if value % num_devices:
-      fix = max(num_devices, value // num_devices * num_devices)
-      raise UserError(f'config.{field}={value} is not divisible by the {num_devices} devices; '
-                      f'use a multiple of {num_devices}, e.g. --config.{field}={fix}')
+    where = (f'the {num_devices} devices' if data == num_devices
+             else f'the data axis of mesh_shape={tuple(config.mesh_shape)} ({data})')
+    if value % (data * micro):
+      unit = data * micro
+      fix = max(unit, value // unit * unit)
+      split = f'{micro} micro-batches x ' if micro > 1 else ''
+      raise UserError(f'config.{field}={value} is not divisible by {split}{where}; '
+                      f'use a multiple of {unit}, e.g. --config.{field}={fix}')
     if value % process_count:
       raise UserError(f'config.{field}={value} is not divisible by the {process_count} processes')
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
@@ -113,6 +127,27 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
                     f'than batch_size={config.batch_size}; raise it or set it to 0')
 
 
+def _check_mesh(config, num_devices: int, process_count: int) -> int:
+  """Checks mesh_shape and sharding against the devices and backend; returns the data
+  axis size (what the batch is split over)."""
+  shape = tuple(config.get('mesh_shape'))
+  try:
+    data, model = parallel.axis_sizes(shape, num_devices)
+  except (ValueError, TypeError) as e:
+    raise UserError(f'config.mesh_shape={shape}: {e}; e.g. --config.mesh_shape="(-1, 1)"') \
+        from None
+  if config.parallelism != 'jit' and (model != 1 or config.sharding != 'replicated'):
+    raise UserError(f'config.parallelism={config.parallelism} replicates the state over the '
+                    f'devices, but sharding={config.sharding}, mesh_shape={shape}; use '
+                    '--config.parallelism=jit to shard it')
+  per_process = num_devices // process_count
+  if per_process % model:
+    raise UserError(f'config.mesh_shape={shape}: a model axis of {model} does not divide the '
+                    f'{per_process} devices of each process, so its groups would span hosts; '
+                    f'use a model axis that divides {per_process}')
+  return data
+
+
 # Fields that may change between a run and its resume: they do not alter the
 # trajectory (logging/eval/checkpoint cadence, data location, device layout) or
 # are deliberate extensions (more epochs or steps).
@@ -120,6 +155,7 @@ RESUME_SAFE_FIELDS = frozenset({
     'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'checkpoint_max_to_keep',
     'checkpoint_step', 'num_epochs', 'num_train_steps', 'data_dir', 'eval_batch_size',
     'parallelism', 'steps_per_dispatch', 'compilation_cache_dir', 'tta', 'tta_every_eval',
+    'mesh_shape', 'sharding', 'remat',
 })
 
 

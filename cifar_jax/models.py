@@ -1,9 +1,17 @@
 """CIFAR models in Flax NNX, looked up by name.
 
-Every model maps NHWC images to logits and uses BatchNorm (except the classic
-tutorial network, which uses local response normalization as the original did).
+Every model maps NHWC images to logits. The convolutional ones use BatchNorm
+(except the classic tutorial network, which uses local response normalization
+as the original did); the vision transformers (`vit_*`) use LayerNorm.
 `dtype` is the compute dtype (bfloat16 for half precision); parameters and
 BatchNorm statistics always stay float32.
+
+Parameters carry logical axis names (`nnx.with_partitioning`): `channels`
+(a convolution's output channels, and the norms and biases over them),
+`channels_in`, `embed`, `heads`, `mlp`, `classes`. `parallel.sharding` maps
+them to mesh axes for tensor parallelism. `remat=True` rematerializes each
+residual/transformer block (`nnx.remat`): the backward pass recomputes a
+block's activations instead of keeping them, the same numbers for less memory.
 """
 from __future__ import annotations
 
@@ -18,18 +26,49 @@ from flax import nnx
 _he_normal = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def _conv(cin, cout, k, rngs, dtype, strides=1, use_bias=False):
-  return nnx.Conv(cin, cout, (k, k), strides=strides, padding='SAME',
-                  use_bias=use_bias, kernel_init=_he_normal, dtype=dtype,
+def _named(init, *names):
+  """`init` with the logical axis names of the parameter it makes (see module docstring)."""
+  return nnx.with_partitioning(init, names)
+
+
+_CONV_KERNEL = (None, None, 'channels_in', 'channels')
+
+
+def _conv(cin, cout, k, rngs, dtype, strides=1, use_bias=False, kernel_init=_he_normal):
+  return nnx.Conv(cin, cout, (k, k), strides=strides, padding='SAME', use_bias=use_bias,
+                  kernel_init=_named(kernel_init, *_CONV_KERNEL),
+                  bias_init=_named(nnx.initializers.zeros_init(), 'channels'), dtype=dtype,
                   rngs=rngs)
 
 
-def _bn(features, rngs, dtype, momentum=0.9):
+def _head(features, num_classes, rngs, dtype, use_bias=True,
+          kernel_init=nnx.initializers.lecun_normal()):
+  return nnx.Linear(features, num_classes, use_bias=use_bias, dtype=dtype, rngs=rngs,
+                    kernel_init=_named(kernel_init, 'channels', 'classes'),
+                    bias_init=_named(nnx.initializers.zeros_init(), 'classes'))
+
+
+def _bn(features, rngs, dtype, momentum=0.9, epsilon=1e-5, use_scale=True):
   # Statistics are reduced across devices when the train step sets `axis_name`. The
   # two-pass variance E[(x - mean)^2] (not E[x^2] - mean^2, which cancels badly when
   # |mean| >> std) keeps backends and process counts within float noise of each other.
-  return nnx.BatchNorm(features, momentum=momentum, epsilon=1e-5, dtype=dtype,
-                       use_fast_variance=False, rngs=rngs)
+  return nnx.BatchNorm(features, momentum=momentum, epsilon=epsilon, dtype=dtype,
+                       use_fast_variance=False, use_scale=use_scale,
+                       scale_init=_named(nnx.initializers.ones_init(), 'channels'),
+                       bias_init=_named(nnx.initializers.zeros_init(), 'channels'), rngs=rngs)
+
+
+def _call_block(block, x):
+  return block(x)
+
+
+def run_blocks(blocks, x, remat: bool = False):
+  """`x` through `blocks` in turn; with `remat`, each block under `nnx.remat`: its
+  activations are recomputed in the backward pass instead of stored."""
+  call = nnx.remat(_call_block) if remat else _call_block
+  for block in blocks:
+    x = call(block, x)
+  return x
 
 
 def max_pool_2x2(x):
@@ -97,7 +136,8 @@ class _CifarBlock(nnx.Module):
 class CifarResNet(nnx.Module):
   """ResNet-(6n+2) for CIFAR: widths 16/32/64, n basic blocks per stage."""
 
-  def __init__(self, depth, num_classes, *, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, depth, num_classes, *, dtype=jnp.float32, remat=False, rngs: nnx.Rngs):
+    self.remat = remat
     n = (depth - 2) // 6
     self.stem = _conv(3, 16, 3, rngs, dtype)
     self.bn = _bn(16, rngs, dtype)
@@ -107,12 +147,11 @@ class CifarResNet(nnx.Module):
         blocks.append(_CifarBlock(cin, width, 2 if stage and i == 0 else 1, dtype=dtype, rngs=rngs))
         cin = width
     self.blocks = nnx.List(blocks)
-    self.head = nnx.Linear(64, num_classes, dtype=dtype, rngs=rngs)
+    self.head = _head(64, num_classes, rngs, dtype)
 
   def __call__(self, x):
     x = nnx.relu(self.bn(self.stem(x)))
-    for block in self.blocks:
-      x = block(x)
+    x = run_blocks(self.blocks, x, self.remat)
     return self.head(jnp.mean(x, axis=(1, 2)))
 
 
@@ -137,7 +176,8 @@ class _BasicBlock(nnx.Module):
 
 class ResNet18(nnx.Module):
 
-  def __init__(self, num_classes, *, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, num_classes, *, dtype=jnp.float32, remat=False, rngs: nnx.Rngs):
+    self.remat = remat
     self.stem = _conv(3, 64, 3, rngs, dtype)
     self.bn = _bn(64, rngs, dtype)
     blocks, cin = [], 64
@@ -146,12 +186,11 @@ class ResNet18(nnx.Module):
         blocks.append(_BasicBlock(cin, width, 2 if stage and i == 0 else 1, dtype=dtype, rngs=rngs))
         cin = width
     self.blocks = nnx.List(blocks)
-    self.head = nnx.Linear(512, num_classes, dtype=dtype, rngs=rngs)
+    self.head = _head(512, num_classes, rngs, dtype)
 
   def __call__(self, x):
     x = nnx.relu(self.bn(self.stem(x)))
-    for block in self.blocks:
-      x = block(x)
+    x = run_blocks(self.blocks, x, self.remat)
     return self.head(jnp.mean(x, axis=(1, 2)))
 
 
@@ -176,7 +215,9 @@ class _WideBlock(nnx.Module):
 
 class WideResNet(nnx.Module):
 
-  def __init__(self, depth, widen, num_classes, *, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, depth, widen, num_classes, *, dtype=jnp.float32, remat=False,
+               rngs: nnx.Rngs):
+    self.remat = remat
     n = (depth - 4) // 6
     self.stem = _conv(3, 16, 3, rngs, dtype)
     blocks, cin = [], 16
@@ -186,12 +227,10 @@ class WideResNet(nnx.Module):
         cin = width
     self.blocks = nnx.List(blocks)
     self.bn = _bn(cin, rngs, dtype)
-    self.head = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
+    self.head = _head(cin, num_classes, rngs, dtype)
 
   def __call__(self, x):
-    x = self.stem(x)
-    for block in self.blocks:
-      x = block(x)
+    x = run_blocks(self.blocks, self.stem(x), self.remat)
     x = nnx.relu(self.bn(x))
     return self.head(jnp.mean(x, axis=(1, 2)))
 
@@ -219,17 +258,17 @@ class FastCNN(nnx.Module):
   """
 
   def __init__(self, num_classes, stem=24, widths=(32, 64, 128), *, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               remat=False, rngs: nnx.Rngs):
+    self.remat = remat
     self.stem = _conv(3, stem, 3, rngs, dtype)
     self.bn = _bn(stem, rngs, dtype)
     self.blocks = nnx.List([_FastBlock(a, b, dtype=dtype, rngs=rngs)
                             for a, b in zip((stem,) + tuple(widths[:-1]), widths)])
-    self.head = nnx.Linear(widths[-1], num_classes, use_bias=False, dtype=dtype, rngs=rngs)
+    self.head = _head(widths[-1], num_classes, rngs, dtype, use_bias=False)
 
   def __call__(self, x):
     x = nnx.gelu(self.bn(self.stem(x)))
-    for block in self.blocks:
-      x = block(x)
+    x = run_blocks(self.blocks, x, self.remat)
     return self.head(jnp.max(x, axis=(1, 2)))
 
 
@@ -292,14 +331,12 @@ def _dirac_init(key, shape, dtype=jnp.float32):
 
 
 def _dirac_conv(cin, cout, rngs, dtype):
-  return nnx.Conv(cin, cout, (3, 3), padding='SAME', use_bias=False, kernel_init=_dirac_init,
-                  dtype=dtype, rngs=rngs)
+  return _conv(cin, cout, 3, rngs, dtype, kernel_init=_dirac_init)
 
 
 def _airbench_bn(features, rngs, dtype):
   # No learned scale (PyTorch's weight fixed at 1), eps 1e-12, PyTorch momentum 0.6 (Flax 0.4).
-  return nnx.BatchNorm(features, momentum=0.4, epsilon=1e-12, use_scale=False, dtype=dtype,
-                       use_fast_variance=False, rngs=rngs)
+  return _bn(features, rngs, dtype, momentum=0.4, epsilon=1e-12, use_scale=False)
 
 
 class _AirbenchBlock(nnx.Module):
@@ -324,18 +361,115 @@ class Airbench(nnx.Module):
   `config.model_widths`, so a CPU-sized variant is this same code.
   """
 
-  def __init__(self, num_classes, widths=(64, 256, 256), *, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, num_classes, widths=(64, 256, 256), *, dtype=jnp.float32, remat=False,
+               rngs: nnx.Rngs):
+    self.remat = remat
     self.whiten = Whitening(3, 24, dtype=dtype, rngs=rngs)
     self.blocks = nnx.List([_AirbenchBlock(a, b, dtype=dtype, rngs=rngs)
                             for a, b in zip((24,) + tuple(widths[:-1]), widths)])
-    self.head = nnx.Linear(widths[-1], num_classes, use_bias=False, dtype=dtype, rngs=rngs,
-                           kernel_init=_uniform_fan_in)
+    self.head = _head(widths[-1], num_classes, rngs, dtype, use_bias=False,
+                      kernel_init=_uniform_fan_in)
 
   def __call__(self, x):
     x = nnx.gelu(self.whiten(x), approximate=False)
-    for block in self.blocks:
-      x = block(x)
+    x = run_blocks(self.blocks, x, self.remat)
     return self.head(jnp.max(x, axis=(1, 2))) / 9.0
+
+
+# --- Vision transformers for CIFAR (Dosovitskiy et al. 2021, patch 4) --------------
+_VIT_INIT = nnx.initializers.xavier_uniform()
+_ZEROS = nnx.initializers.zeros_init()
+
+
+def _dense(cin, cout, names, rngs, dtype):
+  return nnx.Linear(cin, cout, dtype=dtype, rngs=rngs, kernel_init=_named(_VIT_INIT, *names),
+                    bias_init=_named(_ZEROS, names[-1]))
+
+
+def _layer_norm(features, rngs, dtype):
+  return nnx.LayerNorm(features, epsilon=1e-6, dtype=dtype, rngs=rngs,
+                       scale_init=_named(nnx.initializers.ones_init(), 'embed'),
+                       bias_init=_named(_ZEROS, 'embed'))
+
+
+class _SelfAttention(nnx.Module):
+  """Multi-head self-attention. Queries, keys and values are column-parallel
+  (`embed -> heads`), the output projection row-parallel (`heads -> embed`): under
+  tensor parallelism each device computes its heads, and one all-reduce joins them."""
+
+  def __init__(self, width, heads, *, dtype, rngs):
+    self.heads = heads
+    self.query = _dense(width, width, ('embed', 'heads'), rngs, dtype)
+    self.key = _dense(width, width, ('embed', 'heads'), rngs, dtype)
+    self.value = _dense(width, width, ('embed', 'heads'), rngs, dtype)
+    self.out = _dense(width, width, ('heads', 'embed'), rngs, dtype)
+
+  def __call__(self, x):
+    b, t, d = x.shape
+    split = lambda y: y.reshape(b, t, self.heads, d // self.heads)
+    q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / np.sqrt(d // self.heads)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return self.out(jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, t, d))
+
+
+class _TransformerBlock(nnx.Module):
+  """Pre-norm: x + attention(LN(x)), then x + MLP(LN(x)) with a GELU MLP of `mlp` units."""
+
+  def __init__(self, width, heads, mlp, *, dtype, rngs):
+    self.norm1 = _layer_norm(width, rngs, dtype)
+    self.attention = _SelfAttention(width, heads, dtype=dtype, rngs=rngs)
+    self.norm2 = _layer_norm(width, rngs, dtype)
+    self.mlp_in = _dense(width, mlp, ('embed', 'mlp'), rngs, dtype)
+    self.mlp_out = _dense(mlp, width, ('mlp', 'embed'), rngs, dtype)
+
+  def __call__(self, x):
+    x = x + self.attention(self.norm1(x))
+    return x + self.mlp_out(nnx.gelu(self.mlp_in(self.norm2(x))))
+
+
+class ViT(nnx.Module):
+  """A vision transformer on 4x4 patches (64 tokens for 32x32 images), learned position
+  embeddings, `depth` pre-norm blocks, a final LayerNorm and global average pooling
+  (no class token). No BatchNorm: its gradient does not depend on how a batch is split."""
+
+  def __init__(self, num_classes, width, depth, heads, mlp=None, patch=4, image_size=32, *,
+               dtype=jnp.float32, remat=False, rngs: nnx.Rngs):
+    if width % heads:
+      raise ValueError(f'ViT width {width} is not divisible by its {heads} heads')
+    self.remat = remat
+    self.embed = nnx.Conv(3, width, (patch, patch), strides=patch, padding='VALID', dtype=dtype,
+                          rngs=rngs, kernel_init=_named(_VIT_INIT, None, None, None, 'embed'),
+                          bias_init=_named(_ZEROS, 'embed'))
+    tokens = (image_size // patch) ** 2
+    self.position = nnx.Param(_named(nnx.initializers.normal(0.02), None, 'tokens', 'embed')(
+        rngs.params(), (1, tokens, width)))
+    self.blocks = nnx.List([_TransformerBlock(width, heads, mlp or 4 * width, dtype=dtype,
+                                              rngs=rngs) for _ in range(depth)])
+    self.norm = _layer_norm(width, rngs, dtype)
+    self.head = nnx.Linear(width, num_classes, dtype=dtype, rngs=rngs,
+                           kernel_init=_named(_ZEROS, 'embed', 'classes'),
+                           bias_init=_named(_ZEROS, 'classes'))
+    self.dtype = dtype
+
+  def __call__(self, x):
+    x = self.embed(x)
+    x = x.reshape(x.shape[0], -1, x.shape[-1]) + self.position[...].astype(self.dtype)
+    x = run_blocks(self.blocks, x, self.remat)
+    return self.head(jnp.mean(self.norm(x), axis=1))
+
+
+# name: (width, depth, heads, MLP units). tiny/small/base/large/huge are ViT-Ti/S/B/L/H;
+# giant is ViT-G/14's transformer (1.8B parameters), for memory planning; micro is for tests.
+VIT_SIZES = {
+    'vit_micro': (64, 2, 2, 128),
+    'vit_tiny': (192, 12, 3, 768),
+    'vit_small': (384, 12, 6, 1536),
+    'vit_base': (768, 12, 12, 3072),
+    'vit_large': (1024, 24, 16, 4096),
+    'vit_huge': (1280, 32, 16, 5120),
+    'vit_giant': (1664, 48, 16, 8192),
+}
 
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {
@@ -346,20 +480,31 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     'wrn28_10': functools.partial(WideResNet, 28, 10),
     'fast_cnn': FastCNN,
     'airbench': Airbench,
+    **{name: functools.partial(ViT, width=w, depth=d, heads=h, mlp=m)
+       for name, (w, d, h, m) in VIT_SIZES.items()},
 }
 WIDTHS_MODELS = ('airbench', 'fast_cnn')  # Models that take `config.model_widths`.
+NO_BLOCK_MODELS = ('tutorial_cnn',)  # Models without blocks for `remat` to wrap.
 
 
 def create_model(name: str, num_classes: int, *, dtype=jnp.float32, rngs: nnx.Rngs,
-                 widths: tuple[int, ...] = ()) -> nnx.Module:
+                 widths: tuple[int, ...] = (), remat: bool = False) -> nnx.Module:
   """Builds the registered model `name` (`widths`: its block widths, for the models in
-  WIDTHS_MODELS; empty = the model's own); raises ValueError naming the choices."""
+  WIDTHS_MODELS; empty = the model's own; `remat`: rematerialize each block); raises
+  ValueError naming the choices."""
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; choose one of {sorted(MODELS)}')
   if widths and name not in WIDTHS_MODELS:
     raise ValueError(f'model {name!r} has fixed widths; widths are for {WIDTHS_MODELS}')
+  if remat and name in NO_BLOCK_MODELS:
+    raise ValueError(f'model {name!r} has no blocks to rematerialize')
   kwargs = {'widths': tuple(int(w) for w in widths)} if widths else {}
-  return MODELS[name](num_classes, dtype=dtype, rngs=rngs, **kwargs)
+  if remat:
+    kwargs['remat'] = True
+  # Logical axis names are metadata here: the shardings are applied by the caller's jit
+  # (parallel.sharding), so Flax must not shard each variable as it is created.
+  with nnx.use_eager_sharding(False):
+    return MODELS[name](num_classes, dtype=dtype, rngs=rngs, **kwargs)
 
 
 def whitening_layers(model: nnx.Module) -> list[tuple[tuple, Whitening]]:

@@ -42,6 +42,8 @@ class TrainState(struct.PyTreeNode):
   lookahead_every: int = struct.field(pytree_node=False, default=0)
   lookahead_decay: float = struct.field(pytree_node=False, default=0.0)
   total_steps: int = struct.field(pytree_node=False, default=0)
+  # Gradient accumulation: the batch is split into this many micro-batches (`train_step`).
+  micro_batches: int = struct.field(pytree_node=False, default=1)
 
   def model(self, *, use_ema: bool = False) -> nnx.Module:
     params = self.ema_params if use_ema and self.ema_params is not None else self.params
@@ -60,13 +62,18 @@ def whitening_data(images: np.ndarray, dataset: str) -> np.ndarray:
 
 
 def create_train_state(config, rng: jax.Array, num_train_examples: int | None = None,
-                       train_images: np.ndarray | None = None) -> TrainState:
+                       train_images: np.ndarray | None = None,
+                       layout: Callable[[Any], Any] | None = None) -> TrainState:
   """Initializes model, optimizer, EMA and Lookahead from `config` and a PRNG key.
 
   `num_train_examples` sets the epoch length for the LR schedule; it defaults
   to the dataset's official train split size. `train_images` (uint8 [N,32,32,3])
   initialize data-dependent layers (`models.Whitening`); without them those
   keep their random init, which is fine for a template a checkpoint overwrites.
+  `layout` maps the abstract state to its shardings (e.g.
+  `parallel.Backend.state_shardings`): the state is then created in place,
+  sharded, never whole on one device. The values do not depend on the layout
+  (JAX's partitionable threefry).
   """
   num_classes, default_examples, _ = DATASETS[config.dataset]
   num_train_examples = num_train_examples or default_examples
@@ -74,7 +81,8 @@ def create_train_state(config, rng: jax.Array, num_train_examples: int | None = 
   schedule = optimizers.learning_rate_schedule(config, num_train_examples)
   widths = tuple(config.get('model_widths', ()))
   make_model = lambda rng: models.create_model(config.model, num_classes, dtype=dtype,
-                                               rngs=nnx.Rngs(rng), widths=widths)
+                                               rngs=nnx.Rngs(rng), widths=widths,
+                                               remat=config.get('remat', 'none') == 'block')
   abstract = nnx.eval_shape(lambda: make_model(jax.random.key(0)))
   labels = optimizers.param_labels(abstract, nnx.state(abstract, nnx.Param),
                                    config.get('bn_bias_lr_multiplier', 1.0) != 1.0)
@@ -101,10 +109,13 @@ def create_train_state(config, rng: jax.Array, num_train_examples: int | None = 
                    if lookahead_every else None),
         lookahead_every=lookahead_every,
         lookahead_decay=float(config.get('lookahead_decay', 0.0)),
-        total_steps=optimizers.total_steps(config, num_train_examples))
+        total_steps=optimizers.total_steps(config, num_train_examples),
+        micro_batches=int(config.get('micro_batches', 1)))
 
   # One compiled init instead of hundreds of eagerly dispatched ops (seconds on CPU).
-  return jax.jit(init)(rng, whitening)
+  if layout is None:
+    return jax.jit(init)(rng, whitening)
+  return jax.jit(init, out_shardings=layout(jax.eval_shape(init, rng, whitening)))(rng, whitening)
 
 
 def _with_axis(model: nnx.Module, axis_name: str | None) -> nnx.Module:
@@ -116,6 +127,17 @@ def _with_axis(model: nnx.Module, axis_name: str | None) -> nnx.Module:
 
 def _pmean(x, axis_name):
   return x if axis_name is None else jax.lax.pmean(x, axis_name)
+
+
+def _split_micro_batches(x: jax.Array, m: int) -> jax.Array:
+  """[B, ...] -> [m, B/m, ...], micro-batch j = rows j, j+m, j+2m, ... (strided), so that
+  every device's rows are split alike and each micro-batch spans all devices."""
+  return jnp.swapaxes(x.reshape((x.shape[0] // m, m) + x.shape[1:]), 0, 1)
+
+
+def _join_micro_batches(x: jax.Array) -> jax.Array:
+  """The inverse of `_split_micro_batches`."""
+  return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
 
 
 def train_step(state: TrainState, batch: dict, axis_name: str | None = None,
@@ -131,10 +153,21 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = None,
       gradients; under shard_map with check_vma=True the gradient of the
       replicated params is already the global one.
   Returns the new state and global-batch metrics (loss, accuracy, lr, grad norm).
-  """
-  images, labels = batch['image'], batch['label']
 
-  def loss_fn(params):
+  With `state.micro_batches = m > 1` the batch is split into m strided
+  micro-batches (`_split_micro_batches`) and a `lax.scan` accumulates their
+  gradients: one optimizer update per step, so the schedule, EMA, step count,
+  data position and checkpoints mean what they mean at m = 1, and only one
+  micro-batch's activations are alive at a time. The loss and gradient are the
+  mean over micro-batches, equal to the whole batch's for equal micro-batches.
+  BatchNorm normalizes with each micro-batch's own statistics (global over the
+  devices), as a smaller batch would; its running averages get one update per
+  step, with the mean of the m micro-batches' statistics:
+  r <- momentum * r + (1 - momentum) * mean_j(stats_j).
+  """
+  m = state.micro_batches
+
+  def loss_fn(params, images, labels):
     model = _with_axis(nnx.merge(state.graphdef, params, state.batch_stats, copy=True), axis_name)
     model.train()
     logits = model(images).astype(jnp.float32)
@@ -142,7 +175,22 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = None,
     loss = _pmean(optax.softmax_cross_entropy(logits, targets).mean(), axis_name)
     return loss, (logits, nnx.state(model, nnx.BatchStat))
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if m == 1:
+    (loss, (logits, batch_stats)), grads = grad_fn(state.params, batch['image'], batch['label'])
+  else:
+    def accumulate(totals, micro_batch):
+      (loss, (logits, stats)), grads = grad_fn(state.params, micro_batch['image'],
+                                               micro_batch['label'])
+      return jax.tree.map(jnp.add, totals, (loss, grads, stats)), logits
+
+    zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros((), jnp.float32), state.params,
+                                          state.batch_stats))
+    micro = {k: _split_micro_batches(batch[k], m) for k in ('image', 'label')}
+    totals, logits = jax.lax.scan(accumulate, zeros, micro)
+    loss, grads, batch_stats = jax.tree.map(lambda t: t / m, totals)
+    logits = _join_micro_batches(logits)
+  labels = batch['label']
   if sync_grads and axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)

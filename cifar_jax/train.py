@@ -94,6 +94,20 @@ def _host_blocks(train_data, config, start_step: int, sizes: list[int], k: int):
     yield stacked
 
 
+def _backend(config, devices) -> parallel.Backend:
+  return parallel.Backend(config.parallelism, devices, mesh_shape=tuple(config.mesh_shape),
+                          sharding=config.sharding)
+
+
+def _shardings(state):
+  """Each leaf's sharding: what a restore must give it (checkpointing.restore)."""
+  return jax.tree.map(lambda x: x.sharding, state)
+
+
+def _mib(nbytes) -> str:
+  return 'n/a' if nbytes is None else f'{nbytes / 2**20:.1f} MiB'
+
+
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
   """Trains `config` in `workdir`, resuming from its latest intact checkpoint.
 
@@ -112,10 +126,11 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
       logging.warning('Resuming with changed config fields: %s', ', '.join(changed))
   os.makedirs(workdir, exist_ok=True)
   cache = compilation_cache.configure(config.compilation_cache_dir)
-  logging.info('JAX %s: %d devices (%s) in %d process(es), backend %s, %s input pipeline, '
-               '%d steps per dispatch, compilation cache %s', jax.__version__, len(devices),
-               devices[0].platform, jax.process_count(), config.parallelism,
-               config.input_pipeline, config.steps_per_dispatch, cache or 'off')
+  logging.info('JAX %s: %d devices (%s) in %d process(es), backend %s, mesh %s, sharding %s, '
+               '%s input pipeline, %d steps per dispatch, compilation cache %s', jax.__version__,
+               len(devices), devices[0].platform, jax.process_count(), config.parallelism,
+               tuple(config.mesh_shape), config.sharding, config.input_pipeline,
+               config.steps_per_dispatch, cache or 'off')
 
   # --- input ---
   train_data = data_sources.load(config, 'train')
@@ -126,19 +141,24 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   if steps_per_epoch == 0:
     raise UserError(f'config.batch_size={config.batch_size} exceeds the {num_train} training '
                     'examples; lower it')
-  backend = parallel.Backend(config.parallelism, devices)
+  backend = _backend(config, devices)
   on_device = config.input_pipeline == 'device'
   train_feed, test_feed = _put_on_devices(backend, train_data, test_data) if on_device \
       else (None, None)
 
-  # --- model, optimizer and train state ---
+  # --- model, optimizer and train state (created in place, in its sharding) ---
   state = step_lib.create_train_state(config, jax.random.key(config.seed), num_train,
-                                      train_images=train_data.images)
+                                      train_images=train_data.images,
+                                      layout=backend.state_shardings)
+  memory = {'state_bytes_per_device': backend.state_bytes_per_device(backend.put_state(state))}
+  logging.info('Train state: %s per device (%s on a data %d x model %d mesh).',
+               _mib(memory['state_bytes_per_device']), config.sharding, backend.data_size,
+               backend.model_size)
 
-  # --- checkpoint: resume from the newest intact one ---
+  # --- checkpoint: resume from the newest intact one, onto this mesh and sharding ---
   manager = checkpointing.create_manager(workdir, config.checkpoint_max_to_keep)
   best_manager = checkpointing.create_best_manager(workdir)
-  restored = checkpointing.restore(manager, state, backend.replicated)
+  restored = checkpointing.restore(manager, state, _shardings(state))
   if restored is not None:
     state = restored
     logging.info('Resumed from %s at step %d.', manager.directory, int(state.step))
@@ -194,7 +214,10 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         if dispatch_index == 0:  # One step (dispatch.schedule): compile + one step.
           jax.block_until_ready(carry)
           first_record['compile_seconds'] = time.perf_counter() - t_dispatch
-          logging.info('First step (compile included): %.2f s.', first_record['compile_seconds'])
+          first_record.update(memory, **backend.memory)
+          logging.info('First step (compile included): %.2f s; compiled step temporaries: %s '
+                       'per device.', first_record['compile_seconds'],
+                       _mib(backend.memory.get('temp_bytes_per_device')))
         step += n
         summed_steps += n
         report(step)
@@ -252,12 +275,13 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     raise UserError(f'{directory} does not exist; train first, or point --workdir at a run')
   compilation_cache.configure(config.compilation_cache_dir)
   test_data = data_sources.load(config, 'test')
-  backend = parallel.Backend(config.parallelism, devices)
+  backend = _backend(config, devices)
   test_feed = _put_on_devices(backend, test_data)[0] if config.input_pipeline == 'device' else None
-  template = step_lib.create_train_state(config, jax.random.key(config.seed))
+  template = step_lib.create_train_state(config, jax.random.key(config.seed),
+                                         layout=backend.state_shardings)
   manager = checkpointing.open_read_only(workdir)
   wanted = config.checkpoint_step if config.checkpoint_step >= 0 else None
-  state = checkpointing.restore(manager, template, backend.replicated, step=wanted)
+  state = checkpointing.restore(manager, template, _shardings(template), step=wanted)
   if state is None:
     raise UserError(f'{directory} holds no checkpoint; train first')
   step = int(state.step)

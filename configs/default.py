@@ -9,7 +9,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # --- model and data ---
-  config.model = 'resnet20'          # Registry name: tutorial_cnn|resnet20|resnet56|resnet18|wrn28_10|fast_cnn|airbench.
+  config.model = 'resnet20'          # Registry name: tutorial_cnn|resnet20|resnet56|resnet18|wrn28_10|fast_cnn|airbench|vit_tiny|vit_small|vit_base|...
   config.model_widths = ()           # Block widths of airbench/fast_cnn, e.g. (64, 256, 256) (empty = the model's own).
   config.dataset = 'cifar10'         # cifar10 | cifar100.
   config.data_source = 'tfds'        # tfds | archive (official CIFAR downloads, offline) | synthetic.
@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0                    # Seeds init, shuffling and augmentation.
   # --- parallelism ---
   config.parallelism = 'jit'         # pmap | shard_map | jit (with NamedSharding).
+  config.mesh_shape = (-1, 1)        # (data, model) device mesh of parallelism=jit; -1 = all the rest, e.g. (4, 2).
+  config.sharding = 'replicated'     # replicated | fsdp | tensor | fsdp_tensor: the train state's layout (jit only; see README "Large models").
+  config.remat = 'none'              # none | block (recompute each block's activations in the backward pass: less memory, same numbers).
+  config.micro_batches = 1           # Gradient accumulation inside the step: batch_size is split into this many micro-batches.
   config.steps_per_dispatch = 1      # Train steps per compiled call (same results for any value).
   config.compilation_cache_dir = '~/.cache/cifar_jax'  # JAX's persistent compilation cache ('' = off).
   # --- optimization ---

@@ -88,3 +88,36 @@ def test_airbench_units_are_for_sgd_and_widths_for_models_that_have_them(small_c
     config_checks.validate(small_config, num_devices=8)
   small_config.model = 'airbench'
   config_checks.validate(small_config, num_devices=8)
+
+
+@pytest.mark.parametrize('changes, message', [
+    ({'sharding': 'zero3'}, r'config.sharding=.zero3. is unknown.*fsdp_tensor'),
+    ({'remat': 'all'}, r'config.remat=.all. is unknown.*block'),
+    ({'remat': 'block', 'model': 'tutorial_cnn'}, r'tutorial_cnn has no blocks'),
+    ({'mesh_shape': (3, -1)}, r'config.mesh_shape=\(3, -1\).*does not cover the 8 devices'),
+    ({'mesh_shape': (4, 4)}, r'config.mesh_shape=\(4, 4\).*e.g. --config.mesh_shape'),
+    ({'parallelism': 'pmap', 'sharding': 'fsdp'}, r'parallelism=pmap replicates.*parallelism=jit'),
+    ({'parallelism': 'shard_map', 'mesh_shape': (4, 2)}, r'shard_map replicates'),
+    ({'mesh_shape': (2, 4), 'batch_size': 35}, r'batch_size=35 is not divisible by the data '
+                                                r'axis of mesh_shape=\(2, 4\) \(2\).*batch_size=34'),
+    ({'micro_batches': 4, 'batch_size': 48}, r'batch_size=48 is not divisible by 4 micro-batches '
+                                              r'x the 8 devices.*batch_size=32'),
+    ({'micro_batches': 0}, r'config.micro_batches=0 must be an integer >= 1'),
+])
+def test_large_model_settings_name_the_fix(small_config, changes, message):
+  small_config.update(changes)
+  with pytest.raises(UserError, match=message):
+    config_checks.validate(small_config, num_devices=8)
+
+
+def test_model_axis_must_stay_within_a_host(small_config):
+  small_config.mesh_shape = (2, 4)
+  config_checks.validate(small_config, num_devices=8, process_count=2)
+  small_config.mesh_shape = (1, 8)
+  with pytest.raises(UserError, match='spans? hosts|span hosts'):
+    config_checks.validate(small_config, num_devices=8, process_count=2)
+
+
+def test_a_batch_that_divides_the_data_axis_only_is_fine_under_a_model_axis(small_config):
+  small_config.update(mesh_shape=(4, 2), sharding='fsdp_tensor', batch_size=36)
+  config_checks.validate(small_config, num_devices=8)

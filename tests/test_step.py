@@ -178,3 +178,49 @@ def test_tta_eval_counts_every_example_of_a_split_not_divisible_by_the_batch(sma
       got = train.evaluate(backend, backend.put_state(state), data, config, test_feed, tta=2)
       assert got['eval_count'] == 104 and got['eval_tta'] == 2
       assert round(got['eval_accuracy'] * 104) == correct, (name, test_feed is None)
+
+
+# --- gradient accumulation (micro_batches) ---------------------------------------------
+
+
+def _flat(tree):
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+def test_micro_batches_equal_one_batch_without_batchnorm(small_config):
+  # vit has no BatchNorm: 4 micro-batches of 8 are one batch of 32, to float tolerance.
+  small_config.update(model='vit_micro', ema_decay=0.9, label_smoothing=0.1)
+  runs = {}
+  for m in (1, 4):
+    small_config.micro_batches = m
+    state = create_train_state(small_config, jax.random.key(0), 256)
+    assert state.micro_batches == m
+    step = jax.jit(train_step)
+    for seed in range(3):
+      state, metrics = step(state, _batch(seed=seed))
+    runs[m] = state, metrics
+  (one, one_metrics), (four, four_metrics) = runs[1], runs[4]
+  assert int(four.step) == 3  # One optimizer update per step.
+  for field in ('params', 'opt_state', 'ema_params'):
+    np.testing.assert_allclose(_flat(getattr(four, field)), _flat(getattr(one, field)),
+                               rtol=1e-4, atol=1e-6)
+  for k in one_metrics:
+    assert float(four_metrics[k]) == pytest.approx(float(one_metrics[k]), rel=1e-4), k
+  assert np.abs(_flat(one.params) - _flat(create_train_state(
+      small_config, jax.random.key(0), 256).params)).max() > 1e-3  # It trained.
+
+
+def test_micro_batches_use_strided_micro_batch_statistics(small_config):
+  # With BatchNorm, micro-batch j is rows j, j+m, ...; the gradient is the mean of the
+  # micro-batches' gradients and the running statistics get the mean of their updates.
+  small_config.update(momentum=0.0, ema_decay=0.0, weight_decay=0.0, micro_batches=2)
+  batch = _batch()
+  state = create_train_state(small_config, jax.random.key(0), 256)
+  accumulated, _ = jax.jit(train_step)(state, batch)
+  small_config.micro_batches = 1
+  single = create_train_state(small_config, jax.random.key(0), 256)
+  halves = [jax.jit(train_step)(single, {k: v[j::2] for k, v in batch.items()})[0]
+            for j in (0, 1)]
+  for field in ('params', 'batch_stats'):
+    mean = (_flat(getattr(halves[0], field)) + _flat(getattr(halves[1], field))) / 2
+    np.testing.assert_allclose(_flat(getattr(accumulated, field)), mean, rtol=1e-4, atol=1e-6)
