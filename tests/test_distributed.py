@@ -113,6 +113,20 @@ def test_two_processes_train_like_one_and_only_process_0_writes(reference, tmp_p
   assert os.path.exists(os.path.join(workdir, 'config.json'))
 
 
+def test_two_processes_with_fsdp_tensor_on_a_4x2_mesh_train_like_one_replicated(reference,
+                                                                                tmp_path):
+  # Each process holds two 'data' rows of the mesh, each row a 'model' pair of its own
+  # devices; the state is sharded over both axes and checkpointed from both processes.
+  workdir = str(tmp_path / 'w')
+  sharded = ['--config.parallelism=jit', '--config.sharding=fsdp_tensor',
+             '--config.mesh_shape=(4, 2)']
+  assert run_two(workdir, *sharded) == [0, 0], log(workdir, 0)[-3000:] + log(workdir, 1)[-3000:]
+  assert_close_runs(workdir, reference)
+  first = [r for r in records(workdir) if 'state_bytes_per_device' in r][0]
+  assert first['state_bytes_per_device'] < [
+      r for r in records(reference) if 'state_bytes_per_device' in r][0]['state_bytes_per_device'] / 2
+
+
 def interrupt_one_host(workdir, victim, sig, *extra, steps=STEPS):
   """2 x 4 shard_map run; `sig` to process `victim` only. Returns the step both stopped after."""
   port = free_port()

@@ -156,6 +156,31 @@ def test_resume_on_another_topology_and_backend(reference, tmp_path, devices, ba
   assert_same(arrays(workdir), arrays(reference), exact=False)
 
 
+def test_replicated_run_resumes_sharded_on_a_2d_mesh_then_on_4_devices(reference, tmp_path):
+  # reference: replicated on (8, 1) from step 0 to 12. Here: its checkpoint 4, resumed as
+  # fsdp_tensor on a (4, 2) mesh to 12, its checkpoint 8 then resumed on 4 devices as
+  # fsdp_tensor on (2, 2): both end where the uninterrupted run ends.
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(reference, workdir)
+  for step in (8, 12):
+    shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step)))
+  sharded = ['--config.parallelism=jit', '--config.sharding=fsdp_tensor']
+  result = run(workdir, *sharded, '--config.mesh_shape=(4, 2)')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'at step 4' in result.stderr
+  assert_same(arrays(workdir), arrays(reference), exact=False)
+  first = [r for r in records(workdir) if 'state_bytes_per_device' in r]
+  replicated, fsdp_tensor = first[0], first[-1]
+  assert (replicated['step'], fsdp_tensor['step']) == (1, 5)
+  assert fsdp_tensor['state_bytes_per_device'] < 0.5 * replicated['state_bytes_per_device']
+  assert fsdp_tensor['temp_bytes_per_device'] > 0
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', str(STEPS)))
+  result = run(workdir, *sharded, '--config.mesh_shape=(2, 2)', devices=4)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'at step 8' in result.stderr
+  assert_same(arrays(workdir), arrays(reference), exact=False)
+
+
 def test_trajectory_config_change_is_refused_and_safe_ones_allowed(reference, tmp_path):
   workdir = str(tmp_path / 'w')
   shutil.copytree(reference, workdir)
