@@ -150,7 +150,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   state = step_lib.create_train_state(config, jax.random.key(config.seed), num_train,
                                       train_images=train_data.images,
                                       layout=backend.state_shardings)
-  memory = {'state_bytes_per_device': backend.state_bytes_per_device(backend.put_state(state))}
+  memory = {'state_bytes_per_device': backend.state_bytes_per_device(state)}
   logging.info('Train state: %s per device (%s on a data %d x model %d mesh).',
                _mib(memory['state_bytes_per_device']), config.sharding, backend.data_size,
                backend.model_size)

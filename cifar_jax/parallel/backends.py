@@ -110,7 +110,10 @@ class Backend:
     return jax.device_put(state, self.replicated)
 
   def state_bytes_per_device(self, state) -> int:
-    """The most bytes of `state` any one device holds."""
+    """The most bytes of `state` (as created with `state_shardings`) any one device holds
+    once placed: under pmap a whole copy."""
+    if self.name == 'pmap':
+      return sum(x.nbytes for x in jax.tree.leaves(state))
     return sharding_lib.bytes_per_device(state)
 
   def get_state(self, state: step_lib.TrainState) -> step_lib.TrainState:
@@ -204,14 +207,19 @@ class Backend:
       feed_kind = 'batches' if pipeline == 'host' else 'data'
       jitted = self.compile(fn, ('train_state', 'state', feed_kind, 'scalar', 'scalar',
                                  'scalar'), ('train_state', 'state'), donate=(0, 1))
-      executable = []
+      executable = {}
 
       def compiled(*args):
-        # Compiled ahead of time at the first call, to read its memory statistics.
-        if not executable:
-          executable.append(jitted.lower(*args).compile())
-          self.memory = _memory_stats(executable[0])
-        return executable[0](*args)
+        # Compiled ahead of time at the first call, to read its memory statistics. Other
+        # arguments (e.g. a state with another schedule) go through jit's own cache.
+        key = (jax.tree.structure(args),
+               tuple((np.shape(x), np.result_type(x)) for x in jax.tree.leaves(args)))
+        if key not in executable:
+          if executable:
+            return jitted(*args)
+          executable[key] = jitted.lower(*args).compile()
+          self.memory = _memory_stats(executable[key])
+        return executable[key](*args)
 
       def run(state, carry, feed, num_steps, poison_step):
         if loop:

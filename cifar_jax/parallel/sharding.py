@@ -67,16 +67,23 @@ def state_shardings(state, sharding: str, mesh: jax.sharding.Mesh):
   if sharding not in SHARDINGS:
     raise ValueError(f'unknown sharding {sharding!r}; choose one of {SHARDINGS}')
   data, model = (mesh.shape.get(DATA_AXIS, 1), mesh.shape.get(MODEL_AXIS, 1))
-  with nnx.logical_axis_rules(logical_rules(sharding)):
-    named = nnx.get_partition_spec(state)
+  is_variable = lambda x: isinstance(x, nnx.Variable)
   is_spec = lambda x: isinstance(x, P)
-  named_leaves = jax.tree.leaves(named, is_leaf=is_spec)
+  named = []  # One tensor-rule spec per array leaf, in jax.tree.leaves order.
+  with nnx.logical_axis_rules(logical_rules(sharding)):
+    for item in jax.tree.leaves(state, is_leaf=is_variable):
+      # A Variable may hold no array (optax.MaskedNode in a masked optimizer state).
+      count = len(jax.tree.leaves(item))
+      if is_variable(item) and count:
+        named += jax.tree.leaves(nnx.get_partition_spec(item), is_leaf=is_spec) * count
+      else:
+        named += [P()] * count
   leaves, treedef = jax.tree.flatten(state)
-  if len(named_leaves) != len(leaves):
-    raise AssertionError(f'{len(named_leaves)} specs for {len(leaves)} leaves')
+  if len(named) != len(leaves):
+    raise AssertionError(f'{len(named)} specs for {len(leaves)} leaves')
   return jax.tree.unflatten(treedef, [
       NamedSharding(mesh, leaf_spec(tuple(x.shape), tuple(spec), sharding, data, model))
-      for x, spec in zip(leaves, named_leaves)])
+      for x, spec in zip(leaves, named)])
 
 
 def bytes_per_device(tree, shardings=None) -> int:
