@@ -1,9 +1,15 @@
 """Trains and evaluates a CIFAR model: `python main.py --config=configs/gpu.py --workdir=DIR`.
 
 Any config field can be overridden, e.g. `--config.batch_size=512`. Rerunning
-with the same workdir resumes from its latest checkpoint.
+with the same workdir resumes from its latest checkpoint. With a trained
+`--workdir`: `--mode=predict --inputs=...` labels image files, `--mode=export
+--export_dir=...` writes a serving bundle (jax.export and ONNX) and `--mode=report`
+draws the run's plots; these read the run's own config.json (no --config).
 """
+import json
 import logging as pylogging
+import os
+import subprocess
 import sys
 
 from absl import app, flags, logging
@@ -16,9 +22,18 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and config.json.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
-                  'train (resumes from the latest checkpoint), or eval: evaluate the latest '
-                  '(or --config.checkpoint_step) checkpoint without changing the workdir.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'export', 'report'],
+                  'train (resumes from the latest checkpoint); eval: evaluate the latest '
+                  '(or --config.checkpoint_step) checkpoint without changing the workdir; '
+                  'predict: top-5 labels of --inputs; export: a serving bundle in '
+                  '--export_dir; report: the plots of the run in WORKDIR/report.png.')
+flags.DEFINE_list('inputs', [], 'predict: image files, folders and globs (PNG/JPEG, any size).')
+flags.DEFINE_string('output', None, 'predict: write a CSV here instead of JSON lines on stdout.')
+flags.DEFINE_string('checkpoint', 'best', 'predict/export: best, latest or a step number.')
+flags.DEFINE_string('export_dir', None, 'export: the bundle directory to write.')
+flags.DEFINE_string('onnx_python', os.environ.get('CIFAR_JAX_ONNX_PYTHON', ''),
+                    'export: the Python of an environment with requirements-onnx.txt, for '
+                    'model.onnx (or CIFAR_JAX_ONNX_PYTHON; default: this one if it has jax2onnx).')
 flags.DEFINE_bool('allow_config_change', False,
                   'Resume even though trajectory-changing config fields differ from the '
                   "workdir's config.json.")
@@ -32,7 +47,7 @@ flags.DEFINE_integer('distributed_timeout_s', 300,
                      'Seconds to wait for every process to join at start-up.')
 flags.DEFINE_integer('heartbeat_timeout_s', 100,
                      'A process silent this long is declared dead and every process stops.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['workdir'])
 
 
 class _OnlyWarningsFromLibraries(pylogging.Filter):
@@ -54,16 +69,96 @@ def main(argv):
         distributed.plan(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id),
         FLAGS.distributed_timeout_s, FLAGS.heartbeat_timeout_s)
     logging.info('%s', distributed.describe())
-    logging.info('Config:\n%s', FLAGS.config)
-    if FLAGS.mode == 'eval':
+    if FLAGS.mode == 'predict':
+      predict()
+      return
+    if FLAGS.mode == 'export':
+      result = export()
+    elif FLAGS.mode == 'report':
+      from cifar_jax import report  # pylint: disable=import-outside-toplevel
+      result = {'report': report.write_report(FLAGS.workdir)}
+    elif FLAGS.config is None:
+      raise UserError(f'--mode={FLAGS.mode} needs --config, e.g. --config=configs/gpu.py')
+    elif FLAGS.mode == 'eval':
+      logging.info('Config:\n%s', FLAGS.config)
       result = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
     else:
+      logging.info('Config:\n%s', FLAGS.config)
       result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   logging.info('Result: %s', result)
-  print(' '.join(f'{k}={v:.4f}' for k, v in sorted(result.items())))
+  print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
+                 for k, v in sorted(result.items())))
+
+
+def predict():
+  """One JSON line per readable image on stdout (or a CSV in --output); a warning line on
+  stderr per unreadable one."""
+  from cifar_jax import inference  # pylint: disable=import-outside-toplevel
+  paths = inference.expand_inputs(FLAGS.inputs)
+  if not paths:
+    raise UserError('--inputs names no files; pass image files, folders or globs, e.g. '
+                    '--inputs=photos/ or --inputs="photos/*.jpg"')
+  good, images, warnings = inference.read_images(paths)
+  for line in warnings:
+    print(line, file=sys.stderr)
+  if not good:
+    raise UserError(f'none of the {len(paths)} inputs is a readable PNG/JPEG image')
+  config, state, _, source = inference.load_run(FLAGS.workdir, FLAGS.checkpoint)
+  logging.info('Predicting %d images with %s.', len(good), source)
+  fn = inference.serving_function(inference.serving_model(config, state), config.dataset)
+  top5 = inference.top_k(inference.predict(fn, images, config.eval_batch_size),
+                         inference.class_names(config.dataset))
+  if FLAGS.output:
+    import csv  # pylint: disable=import-outside-toplevel
+    with open(FLAGS.output, 'w', newline='', encoding='utf-8') as f:
+      writer = csv.writer(f)
+      k = len(top5[0])
+      writer.writerow(['file'] + [f'{c}{r}' for r in range(1, k + 1)
+                                  for c in ('label', 'index', 'probability')])
+      for path, row in zip(good, top5):
+        writer.writerow([path] + [v for p in row for v in (p['label'], p['index'],
+                                                              p['probability'])])
+    logging.info('Wrote %s (%d rows).', FLAGS.output, len(good))
+  else:
+    for path, row in zip(good, top5):
+      print(json.dumps({'file': path, 'top5': row}))
+  sys.stdout.flush()
+
+
+def _onnx_python() -> str | None:
+  if FLAGS.onnx_python:
+    return FLAGS.onnx_python
+  try:
+    import jax2onnx  # pylint: disable=import-outside-toplevel,unused-import
+    return sys.executable
+  except ImportError:
+    return None
+
+
+def export() -> dict:
+  """The serving bundle: model.jax, model.onnx (when an ONNX environment is there), labels."""
+  from cifar_jax import inference  # pylint: disable=import-outside-toplevel
+  if not FLAGS.export_dir:
+    raise UserError('--mode=export needs --export_dir=DIR (the bundle to write)')
+  config, state, _, source = inference.load_run(FLAGS.workdir, FLAGS.checkpoint)
+  result = inference.export_bundle(config, state, FLAGS.export_dir, source)
+  python = _onnx_python()
+  if python is None:
+    logging.warning('No model.onnx: jax2onnx is not installed here. Make an environment with '
+                    '`pip install -r requirements-onnx.txt` and pass --onnx_python=ITS_PYTHON.')
+    return {'export_dir': FLAGS.export_dir, 'onnx': 'skipped', 'platforms': result['platforms']}
+  root = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''),
+             JAX_PLATFORMS='cpu')
+  done = subprocess.run([python, '-m', 'cifar_jax.onnx_export', FLAGS.export_dir], env=env,
+                        capture_output=True, text=True, check=False)
+  if done.returncode:
+    raise UserError(f'the ONNX conversion failed ({python}): '
+                    f'{(done.stderr.strip().splitlines() or ["no output"])[-1]}')
+  return {'export_dir': FLAGS.export_dir, 'onnx': 'model.onnx', 'platforms': result['platforms']}
 
 
 if __name__ == '__main__':

@@ -58,10 +58,11 @@ def create_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
           multiprocessing_options=_barrier_prefix('checkpoints')))
 
 
-def open_read_only(workdir: str) -> ocp.CheckpointManager:
-  """The checkpoints of `workdir` for reading only (eval mode changes nothing)."""
+def open_read_only(workdir: str, directory: str | None = None) -> ocp.CheckpointManager:
+  """The checkpoints of `workdir` (or of `directory`, e.g. its best_checkpoint) for reading
+  only (eval, predict and export change nothing)."""
   return ocp.CheckpointManager(
-      checkpoints_dir(workdir),
+      directory or checkpoints_dir(workdir),
       options=ocp.CheckpointManagerOptions(read_only=True, create=False))
 
 

@@ -88,6 +88,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
       raise UserError(f'config.data_source=tfds needs TensorFlow Datasets ({e}); install it '
                       '(pip install -r requirements.txt) or use --config.data_source=archive '
                       'with --config.data_dir=<folder with the CIFAR .tar.gz>') from None
+  profile_window(config)  # Raises UserError on a malformed window.
   data = _check_mesh(config, num_devices, process_count)
   micro = config.get('micro_batches')
   if not isinstance(micro, int) or micro < 1:
@@ -127,6 +128,21 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
                     f'than batch_size={config.batch_size}; raise it or set it to 0')
 
 
+def profile_window(config) -> tuple[int, int] | None:
+  """`config.profile_steps` "A:B" as (A, B): trace the steps after A up to B; None if off."""
+  text = str(config.get('profile_steps', '') or '').strip()
+  if not text:
+    return None
+  try:
+    start, stop = (int(v) for v in text.split(':'))
+  except ValueError:
+    start = stop = -1
+  if not 0 <= start < stop:
+    raise UserError(f'config.profile_steps={text!r} must be "A:B" with 0 <= A < B (steps A+1..B '
+                    'are traced), e.g. --config.profile_steps=100:110')
+  return start, stop
+
+
 def _check_mesh(config, num_devices: int, process_count: int) -> int:
   """Checks mesh_shape and sharding against the devices and backend; returns the data
   axis size (what the batch is split over)."""
@@ -155,7 +171,7 @@ RESUME_SAFE_FIELDS = frozenset({
     'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'checkpoint_max_to_keep',
     'checkpoint_step', 'num_epochs', 'num_train_steps', 'data_dir', 'eval_batch_size',
     'parallelism', 'steps_per_dispatch', 'compilation_cache_dir', 'tta', 'tta_every_eval',
-    'mesh_shape', 'sharding', 'remat',
+    'mesh_shape', 'sharding', 'remat', 'profile_steps',
 })
 
 

@@ -72,7 +72,8 @@ def shuffled_index(key: jax.Array, positions: jax.Array, n: int) -> jax.Array:
 
 
 # --- train batches -------------------------------------------------------------------
-def _normalize(x: jax.Array, dataset: str) -> jax.Array:
+def normalize(x: jax.Array, dataset: str) -> jax.Array:
+  """uint8 (or float 0..255) images -> the normalized float32 the models see."""
   mean, std = (jnp.asarray(v, jnp.float32) * 255.0 for v in MEAN_STD[dataset])
   return (x.astype(jnp.float32) - mean) / std
 
@@ -139,7 +140,7 @@ def train_batch(images: jax.Array, labels: jax.Array, step: jax.Array, positions
   pixels = images[index[:, None, None], rows[:, :, None], cols[:, None, :]]      # [b, 32, 32, 3]
   if pad_mode == 'zeros':
     pixels = jnp.where((rows_in[:, :, None] & cols_in[:, None, :])[..., None], pixels, 0)
-  x = _normalize(pixels, dataset)
+  x = normalize(pixels, dataset)
   if cutout:
     centres = jax.vmap(lambda k: jax.random.randint(k, (2,), 0, 32))(keys[:, 2])
     # A cutout x cutout square around the centre (clipped at the border).
@@ -154,7 +155,7 @@ def eval_batch(images: jax.Array, labels: jax.Array, positions: jax.Array, datas
   """Test examples `positions` (past the end: padding, mask 0), normalized, in order."""
   n = images.shape[0]
   index = jnp.minimum(positions, n - 1)
-  return {'image': _normalize(images[index], dataset), 'label': labels[index],
+  return {'image': normalize(images[index], dataset), 'label': labels[index],
           'mask': (positions < n).astype(jnp.float32)}
 
 

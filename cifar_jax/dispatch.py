@@ -31,9 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from cifar_jax import device_pipeline, step as step_lib
+from cifar_jax.data_sources import NUM_CLASSES
 
 TRAIN_METRICS = ('train_loss', 'train_accuracy', 'learning_rate', 'grad_norm')
-EVAL_SUMS = ('loss_sum', 'correct', 'correct_top5', 'count')
+EVAL_SUMS = ('loss_sum', 'correct', 'correct_top5', 'count', 'confusion')
 
 
 def new_carry() -> dict:
@@ -115,7 +116,9 @@ def eval_all(state: step_lib.TrainState, feed: dict, *, batch_size: int, dataset
     sums = step_lib.eval_step(state, batch, axis_name, tta)
     return {k: totals[k] + sums[k] for k in EVAL_SUMS}
 
-  zeros = {k: jnp.zeros((), jnp.float32) for k in EVAL_SUMS}
+  classes = NUM_CLASSES[dataset]
+  zeros = {k: jnp.zeros((classes, classes) if k == 'confusion' else (), jnp.float32)
+           for k in EVAL_SUMS}
   return jax.lax.fori_loop(0, -(-n // batch_size), body, zeros)
 
 
@@ -126,14 +129,16 @@ def make_batch_fn(pipeline: str, config, axis_name: str | None, constrain=None) 
 
 
 def schedule(start_step: int, total_steps: int, steps_per_dispatch: int,
-             intervals: tuple[int, ...]) -> list[int]:
+             intervals: tuple[int, ...], boundaries: tuple[int, ...] = ()) -> list[int]:
   """Dispatch lengths from `start_step` to `total_steps`: at most `steps_per_dispatch`,
-  never crossing a multiple of any of `intervals` (log, eval, checkpoint), and 1 for the
-  first dispatch, whose time (compile included) is reported as `compile_seconds`."""
+  never crossing a multiple of any of `intervals` (log, eval, checkpoint) or any of the
+  steps `boundaries` (a profiler window), and 1 for the first dispatch, whose time
+  (compile included) is reported as `compile_seconds`."""
   sizes, step = [], start_step
   while step < total_steps:
     limit = 1 if not sizes else steps_per_dispatch
-    next_boundary = min([total_steps] + [(step // i + 1) * i for i in intervals])
+    next_boundary = min([total_steps] + [(step // i + 1) * i for i in intervals] +
+                        [b for b in boundaries if b > step])
     sizes.append(min(limit, next_boundary - step))
     step += sizes[-1]
   return sizes

@@ -30,6 +30,14 @@ class JsonlWriter:
     self._file.write(json.dumps(record) + '\n')
     self._file.flush()
 
+  def write_json(self, step: int, record: dict):
+    """A record of any JSON values (e.g. a confusion matrix), as one line."""
+    self._file.write(json.dumps({'step': int(step), **record}) + '\n')
+    self._file.flush()
+
+  def write_image(self, step: int, tag: str, png: bytes):
+    pass
+
   def flush(self):
     self._file.flush()
 
@@ -66,6 +74,25 @@ class TensorBoardWriter:
     self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
     self._file.flush()
 
+  def write_json(self, step: int, record: dict):
+    """The numbers of a record's dict fields as scalars `field/key` (e.g.
+    class_accuracy/cat); other fields (a matrix) are for metrics.jsonl and images."""
+    scalars = {f'{field}/{k}': v for field, value in record.items() if isinstance(value, dict)
+               for k, v in value.items() if isinstance(v, (int, float))}
+    if scalars:
+      self.write_scalars(step, scalars)
+
+  def write_image(self, step: int, tag: str, png: bytes):
+    """A PNG as an image summary (TensorBoard's Images tab)."""
+    import struct  # pylint: disable=import-outside-toplevel
+    width, height = struct.unpack('>II', png[16:24])  # The PNG IHDR chunk.
+    image = self._summary_pb2.Summary.Image(height=height, width=width, colorspace=4,
+                                            encoded_image_string=png)
+    summary = self._summary_pb2.Summary(value=[self._summary_pb2.Summary.Value(tag=tag,
+                                                                               image=image)])
+    self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+    self._file.flush()
+
   def flush(self):
     self._file.flush()
 
@@ -78,6 +105,12 @@ class LoggingWriter:
 
   def write_scalars(self, step: int, scalars: dict):
     logging.info('[%d] %s', step, ', '.join(f'{k}={v:.6g}' for k, v in sorted(scalars.items())))
+
+  def write_json(self, step: int, record: dict):
+    pass
+
+  def write_image(self, step: int, tag: str, png: bytes):
+    pass
 
   def flush(self):
     pass
@@ -93,6 +126,14 @@ class MultiWriter:
   def write_scalars(self, step: int, scalars: dict):
     for w in self._writers:
       w.write_scalars(step, scalars)
+
+  def write_json(self, step: int, record: dict):
+    for w in self._writers:
+      w.write_json(step, record)
+
+  def write_image(self, step: int, tag: str, png: bytes):
+    for w in self._writers:
+      w.write_image(step, tag, png)
 
   def flush(self):
     for w in self._writers:

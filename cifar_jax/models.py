@@ -90,7 +90,8 @@ def local_response_norm(x, depth_radius=4, bias=1.0, alpha=0.001 / 9.0,
   padded = jnp.pad(sq, [(0, 0)] * 3 + [(depth_radius, depth_radius)])
   channels = x.shape[-1]
   window = sum(padded[..., i:i + channels] for i in range(2 * depth_radius + 1))
-  return (x / jnp.power(bias + alpha * window, beta)).astype(x.dtype)
+  # lax.pow, not jnp.power: the same op, which jax2onnx also converts with a symbolic batch.
+  return (x / jax.lax.pow(bias + alpha * window, beta)).astype(x.dtype)
 
 
 # --- classic tutorial CNN ------------------------------------------------------
@@ -106,10 +107,10 @@ class TutorialCNN(nnx.Module):
 
   def __call__(self, x):
     x = nnx.relu(self.conv1(x))
-    x = local_response_norm(nnx.max_pool(x, (3, 3), (2, 2), 'SAME'))
+    x = local_response_norm(nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='SAME'))
     x = local_response_norm(nnx.relu(self.conv2(x)))
-    x = nnx.max_pool(x, (3, 3), (2, 2), 'SAME')
-    x = x.reshape(x.shape[0], -1)
+    x = nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='SAME')
+    x = x.reshape(-1, self.fc1.in_features)  # (No symbolic batch size in the reshape.)
     x = nnx.relu(self.fc2(nnx.relu(self.fc1(x))))
     return self.head(x)
 
@@ -164,13 +165,16 @@ class _BasicBlock(nnx.Module):
     self.conv2 = _conv(cout, cout, 3, rngs, dtype)
     self.bn2 = _bn(cout, rngs, dtype)
     needs_proj = stride != 1 or cin != cout
-    self.proj = nnx.data(_conv(cin, cout, 1, rngs, dtype, strides=stride) if needs_proj else None)
+    self.proj = nnx.data(_conv(cin, cout, 1, rngs, dtype) if needs_proj else None)
+    self.stride = stride
     self.proj_bn = nnx.data(_bn(cout, rngs, dtype) if needs_proj else None)
 
   def __call__(self, x):
     y = nnx.relu(self.bn1(self.conv1(x)))
     y = self.bn2(self.conv2(y))
-    shortcut = x if self.proj is None else self.proj_bn(self.proj(x))
+    # The strided 1x1 projection as a subsample, then a 1x1 convolution: the same numbers, and
+    # an ONNX graph that loads (jax2onnx 0.17.1's strided one failed shape inference here).
+    shortcut = x if self.proj is None else self.proj_bn(self.proj(x[:, ::self.stride, ::self.stride]))
     return nnx.relu(y + shortcut)
 
 

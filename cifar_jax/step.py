@@ -261,7 +261,8 @@ def eval_step(state: TrainState, batch: dict, axis_name: str | None = None,
   `tta`: test-time augmentation level (`tta_logits`).
 
   Returns sums, not means, so that batches (and devices) add up exactly:
-  `loss_sum`, `correct`, `correct_top5`, `count`.
+  `loss_sum`, `correct`, `correct_top5`, `count`, and `confusion` [C, C] (rows: true
+  class, columns: predicted).
   """
   model = state.model(use_ema=True)
   model.eval()
@@ -275,5 +276,7 @@ def eval_step(state: TrainState, batch: dict, axis_name: str | None = None,
       'correct': jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
       'correct_top5': jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
       'count': jnp.sum(mask),
+      'confusion': (jax.nn.one_hot(labels, logits.shape[-1]) * mask[:, None]).T
+                   @ jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1]),
   }
   return sums if axis_name is None else jax.lax.psum(sums, axis_name)

@@ -18,7 +18,7 @@ from absl import logging
 
 from cifar_jax import (checkpointing, compilation_cache, config_checks, data_sources,
                        device_pipeline, dispatch, metric_logging, optimizers, parallel,
-                       preemption, step as step_lib)
+                       preemption, report as report_lib, step as step_lib)
 from cifar_jax.errors import UserError
 
 # Test-only fault injection, e.g. CIFAR_JAX_TEST_FAULT=nan@5 (NaN images at step 5) or
@@ -62,7 +62,8 @@ def evaluate(backend: parallel.Backend, state, data: data_sources.Split, config,
   metrics = {'eval_loss': totals['loss_sum'] / count,
              'eval_accuracy': totals['correct'] / count,
              'eval_count': count,
-             'eval_tta': float(tta)}
+             'eval_tta': float(tta),
+             'confusion': totals['confusion']}  # Popped by the caller: not a scalar.
   if config.dataset == 'cifar100':
     metrics['eval_top5_accuracy'] = totals['correct_top5'] / count
   return metrics
@@ -102,6 +103,27 @@ def _backend(config, devices) -> parallel.Backend:
 def _shardings(state):
   """Each leaf's sharding: what a restore must give it (checkpointing.restore)."""
   return jax.tree.map(lambda x: x.sharding, state)
+
+
+def _write_confusion(writer, step: int, confusion: np.ndarray, dataset: str) -> None:
+  """The final eval's confusion matrix and per-class accuracy: a metrics.jsonl record,
+  TensorBoard scalars `class_accuracy/<name>` and an image."""
+  names = data_sources.CLASS_NAMES[dataset]
+  accuracy = report_lib.class_accuracy(confusion, names)
+  writer.write_json(step, {'confusion_matrix': confusion.astype(int).tolist(),
+                           'class_accuracy': accuracy})
+  try:
+    writer.write_image(step, 'confusion_matrix', report_lib.confusion_png(confusion, names, step))
+  except ImportError as e:
+    logging.warning('No confusion matrix image (%s); pip install matplotlib.', e)
+
+
+def _write_report(workdir: str) -> None:
+  """report.png at the end of a run; a plotting problem never fails the run."""
+  try:
+    logging.info('Report: %s', report_lib.write_report(workdir))
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('No report.png (%s: %s).', type(e).__name__, e)
 
 
 def _mib(nbytes) -> str:
@@ -194,8 +216,10 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
 
   # --- loop: one compiled call per dispatch of up to `steps_per_dispatch` steps ---
   k = int(config.steps_per_dispatch)
+  profile = config_checks.profile_window(config)  # Dispatches start and stop at its ends.
   sizes = dispatch.schedule(start_step, total_steps, k, (
-      config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps))
+      config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps),
+                            boundaries=profile or ())
   run_steps = backend.train_dispatch(config.input_pipeline, config)
   feeds = itertools.repeat(train_feed) if on_device else \
       backend.prefetch(_host_blocks(train_data, config, start_step, sizes, k), put=backend.put_batches)
@@ -205,12 +229,23 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   first_record = {}  # What only the first train record of this launch carries.
   summed_steps, t_log = 0, time.perf_counter()
   step = start_step
+  tracing = False  # Inside the profiler window.
   with preemption.PreemptionGuard() as guard:
     try:
       for dispatch_index, n in enumerate(sizes):
         feed = next(feeds)  # (The host pipeline's start-up is not compile time.)
+        if profile and step == profile[0]:
+          jax.block_until_ready(carry)
+          tracing = True
+          jax.profiler.start_trace(workdir)  # -> WORKDIR/plugins/profile/<time>/*.xplane.pb
+          logging.info('Profiling steps %d..%d into %s/plugins/profile.', step + 1, profile[1],
+                       workdir)
         t_dispatch = time.perf_counter()
         state, carry = run_steps(state, carry, feed, n, poison)
+        if tracing and step + n == profile[1]:
+          jax.block_until_ready(carry)
+          jax.profiler.stop_trace()
+          tracing = False
         if dispatch_index == 0:  # One step (dispatch.schedule): compile + one step.
           jax.block_until_ready(carry)
           first_record['compile_seconds'] = time.perf_counter() - t_dispatch
@@ -236,7 +271,10 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
           check_finite()
           tta = config.tta if step == total_steps or config.tta_every_eval else 0
           eval_metrics = evaluate(backend, state, test_data, config, test_feed, tta)
+          confusion = eval_metrics.pop('confusion')
           writer.write_scalars(step, eval_metrics)
+          if step == total_steps:
+            _write_confusion(writer, step, confusion, config.dataset)
           checkpointing.save(best_manager, backend.get_state(state), step, metrics=eval_metrics)
           t_log = time.perf_counter()
         if step % config.checkpoint_every_steps == 0 or step == total_steps:
@@ -253,7 +291,9 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
       # Still inside the guard: a second Ctrl-C while the last save finishes exits at once.
       if result is None and not eval_metrics:  # Nothing left to train: still report the eval.
         eval_metrics = evaluate(backend, state, test_data, config, test_feed, config.tta)
+        confusion = eval_metrics.pop('confusion')
         writer.write_scalars(total_steps, eval_metrics)
+        _write_confusion(writer, total_steps, confusion, config.dataset)
     finally:
       # Also on an error (e.g. NaN): a save in flight must land before the process exits,
       # since the error message points at it.
@@ -263,6 +303,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   best_manager.close()
   writer.flush()
   writer.close()
+  if is_main and result is None:
+    _write_report(workdir)
   return result or eval_metrics
 
 
@@ -286,6 +328,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     raise UserError(f'{directory} holds no checkpoint; train first')
   step = int(state.step)
   metrics = evaluate(backend, backend.put_state(state), test_data, config, test_feed, config.tta)
+  metrics.pop('confusion')
   logging.info('Eval of %s/%d%s: %s', directory, step,
                ' (EMA weights)' if state.ema_params is not None else '', metrics)
   manager.close()

@@ -168,8 +168,8 @@ def test_tta_eval_counts_every_example_of_a_split_not_divisible_by_the_batch(sma
   state = create_train_state(config, jax.random.key(0), 256)
   model = state.model()
   model.eval()
-  from cifar_jax.device_pipeline import _normalize  # pylint: disable=protected-access
-  logits = step_lib.tta_logits(model, _normalize(jnp.asarray(data.images), 'cifar10'), 2)
+  from cifar_jax.device_pipeline import normalize
+  logits = step_lib.tta_logits(model, normalize(jnp.asarray(data.images), 'cifar10'), 2)
   correct = int(jnp.sum(jnp.argmax(logits, -1) == data.labels))
   for name in ('jit', 'shard_map'):
     backend = parallel.Backend(name)

@@ -283,11 +283,12 @@ class Backend:
     return self._scalars[value]
 
   def to_host(self, tree) -> dict:
-    """Device metrics -> Python floats (the only device-to-host sync)."""
+    """Device metrics -> Python floats, or numpy arrays for non-scalars (the only
+    device-to-host sync)."""
     tree = jax.device_get(tree)
     if self.name == 'pmap':
       tree = jax.tree.map(lambda x: x[0], tree)
-    return {k: float(v) for k, v in tree.items()}
+    return {k: float(v) if np.ndim(v) == 0 else np.asarray(v) for k, v in tree.items()}
 
 
 def _memory_stats(executable) -> dict:

@@ -1,0 +1,64 @@
+"""model.onnx for a serving bundle, with jax2onnx: `python -m cifar_jax.onnx_export BUNDLE`.
+
+jax2onnx pins an older orbax-checkpoint than training needs, so it lives in its own
+environment (`requirements-onnx.txt`); this module needs only jax, flax and jax2onnx
+from it (no orbax, no TensorFlow, no checkpoint): it rebuilds the model from the
+bundle's `model.json` and `weights.npz` (written by `inference.export_bundle`) and
+converts the same uint8 -> logits function as `model.jax`, with a symbolic batch.
+`main.py --mode=export` runs it in that environment (`--onnx_python`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cifar_jax import device_pipeline, models
+
+OPSET = 23
+
+
+def build(bundle: str):
+  """The bundle's serving function, rebuilt from model.json and weights.npz."""
+  with open(os.path.join(bundle, 'model.json'), encoding='utf-8') as f:
+    meta = json.load(f)
+  abstract = nnx.eval_shape(lambda: models.create_model(
+      meta['model'], meta['num_classes'], dtype=jnp.float32, rngs=nnx.Rngs(0),
+      widths=tuple(meta['model_widths'])))
+  graphdef, params, batch_stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
+  tree = {'params': params, 'batch_stats': batch_stats}
+  with np.load(os.path.join(bundle, 'weights.npz')) as weights:
+    leaves = [jnp.asarray(weights[jax.tree_util.keystr(p)])
+              for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+  tree = jax.tree.unflatten(jax.tree.structure(tree), leaves)
+  model = nnx.merge(graphdef, tree['params'], tree['batch_stats'])
+  model.eval()
+
+  def logits(images):
+    return model(device_pipeline.normalize(images, meta['dataset'])).astype(jnp.float32)
+
+  return logits
+
+
+def convert(bundle: str) -> str:
+  """Writes BUNDLE/model.onnx; returns its path."""
+  import jax2onnx  # pylint: disable=import-outside-toplevel
+  batch = jax.export.symbolic_shape('batch')[0]
+  spec = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.uint8)
+  path = os.path.join(bundle, 'model.onnx')
+  jax2onnx.to_onnx(build(bundle), [spec], model_name='cifar_jax', opset=OPSET,
+                   input_names=['images'], output_names=['logits'], return_mode='file',
+                   output_path=path + '.tmp')
+  os.replace(path + '.tmp', path)
+  return path
+
+
+if __name__ == '__main__':
+  if len(sys.argv) != 2:
+    sys.exit('usage: python -m cifar_jax.onnx_export BUNDLE_DIR')
+  print(convert(sys.argv[1]))

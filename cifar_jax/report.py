@@ -1,0 +1,160 @@
+"""Plots a person can read: `WORKDIR/report.png` from `metrics.jsonl`.
+
+Four panels: train and eval loss against epoch; train and eval accuracy against
+epoch; the learning rate; the final eval's confusion matrix (row-normalized) with
+each class's accuracy in its row label. Written at the end of every run and by
+`main.py --mode=report`. matplotlib with the Agg backend (no display); no JAX.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+
+from cifar_jax.data_sources import CLASS_NAMES
+from cifar_jax.errors import UserError
+
+REPORT = 'report.png'
+
+
+def class_accuracy(confusion: np.ndarray, names) -> dict:
+  """{class name: accuracy} from a confusion matrix (rows: true class)."""
+  totals = confusion.sum(axis=1)
+  return {name: float(confusion[i, i] / totals[i]) if totals[i] else 0.0
+          for i, name in enumerate(names)}
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def _draw_confusion(ax, confusion: np.ndarray, names, step: int):
+  totals = np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+  rates = confusion / totals
+  n = len(names)
+  image = ax.imshow(rates, cmap='Blues', vmin=0.0, vmax=1.0)
+  accuracy = class_accuracy(confusion, names)
+  ticks = np.arange(n)
+  small = n <= 20
+  ax.set_xticks(ticks if small else ticks[::10])
+  ax.set_yticks(ticks if small else ticks[::10])
+  ax.set_xticklabels(names if small else [names[i] for i in ticks[::10]], rotation=45,
+                     ha='right', fontsize=8)
+  ax.set_yticklabels([f'{names[i]} ({accuracy[names[i]]:.0%})' for i in
+                      (ticks if small else ticks[::10])], fontsize=8)
+  if small:
+    for i in range(n):
+      for j in range(n):
+        if confusion[i, j]:
+          ax.text(j, i, f'{int(confusion[i, j])}', ha='center', va='center', fontsize=6,
+                  color='white' if rates[i, j] > 0.5 else 'black')
+  ax.set_xlabel('predicted class')
+  ax.set_ylabel('true class (its accuracy)')
+  overall = np.trace(confusion) / max(confusion.sum(), 1)
+  ax.set_title(f'Confusion matrix, eval at step {step} ({overall:.2%} of '
+               f'{int(confusion.sum())})')
+  return image
+
+
+def confusion_png(confusion: np.ndarray, names, step: int) -> bytes:
+  """The confusion matrix alone, as PNG bytes (for TensorBoard)."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 6), dpi=100, layout='constrained')
+  fig.colorbar(_draw_confusion(ax, confusion, names, step), ax=ax, label='fraction of the row')
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png')
+  plt.close(fig)
+  return buffer.getvalue()
+
+
+def _records(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    raise UserError(f'{path} does not exist; point --workdir at a training run')
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _last_by_step(records: list[dict], key: str) -> list[dict]:
+  """The records with `key`, the last one per step (a resumed run logs re-run steps again)."""
+  by_step = {r['step']: r for r in records if key in r}
+  return [by_step[s] for s in sorted(by_step)]
+
+
+def write_report(workdir: str) -> str:
+  """Draws `workdir/report.png` from its metrics.jsonl; returns the path."""
+  records = _records(workdir)
+  train = _last_by_step(records, 'train_loss')
+  evals = _last_by_step(records, 'eval_accuracy')
+  confusions = _last_by_step(records, 'confusion_matrix')
+  if not train and not evals:
+    raise UserError(f'{workdir}/metrics.jsonl has no train or eval records yet')
+  dataset = 'cifar10'
+  config_path = os.path.join(workdir, 'config.json')
+  if os.path.exists(config_path):
+    with open(config_path, encoding='utf-8') as f:
+      dataset = json.load(f).get('dataset', dataset)
+  # Epoch of any step, from the train records' own epoch/step ratio.
+  per_step = train[-1]['epoch'] / train[-1]['step'] if train and train[-1].get('epoch') else None
+  epoch = lambda rs: [r['step'] * per_step if per_step else r['step'] for r in rs]
+  x_label = 'epoch' if per_step else 'step'
+
+  plt = _pyplot()
+  fig = plt.figure(figsize=(16, 11), dpi=100, layout='constrained')
+  grid = fig.add_gridspec(2, 3, height_ratios=(1, 1.4))
+  loss_ax, acc_ax, lr_ax = (fig.add_subplot(grid[0, i]) for i in range(3))
+  for ax, key, title in ((loss_ax, 'loss', 'Loss'), (acc_ax, 'accuracy', 'Accuracy')):
+    if train:
+      ax.plot(epoch(train), [r[f'train_{key}'] for r in train],
+              label='train (mean since the previous log)', color='tab:blue')
+    if evals:
+      ax.plot(epoch(evals), [r[f'eval_{key}'] for r in evals], 'o-', label='eval (test split)',
+              color='tab:orange')
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(key)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+  if evals:
+    best = max(evals, key=lambda r: r['eval_accuracy'])
+    acc_ax.set_title(f'Accuracy: final eval {evals[-1]["eval_accuracy"]:.2%}, best '
+                     f'{best["eval_accuracy"]:.2%} (step {best["step"]})')
+  if train and 'learning_rate' in train[0]:
+    lr_ax.plot(epoch(train), [r['learning_rate'] for r in train], color='tab:green')
+  lr_ax.set_xlabel(x_label)
+  lr_ax.set_ylabel('learning rate')
+  lr_ax.set_title('Learning rate')
+  lr_ax.grid(alpha=0.3)
+  conf_ax, bar_ax = fig.add_subplot(grid[1, :2]), fig.add_subplot(grid[1, 2])
+  names = list(CLASS_NAMES[dataset])
+  if confusions:
+    last = confusions[-1]
+    confusion = np.asarray(last['confusion_matrix'])
+    image = _draw_confusion(conf_ax, confusion, names, last['step'])
+    fig.colorbar(image, ax=conf_ax, label='fraction of the row')
+    accuracy = class_accuracy(confusion, names)
+    shown = sorted(accuracy, key=accuracy.get)
+    if len(shown) > 20:  # CIFAR-100: the 10 worst and the 10 best classes.
+      shown = shown[:10] + shown[-10:]
+    bar_ax.barh(range(len(shown)), [accuracy[n] for n in shown], color='tab:blue')
+    bar_ax.set_yticks(range(len(shown)))
+    bar_ax.set_yticklabels(shown, fontsize=8)
+    bar_ax.set_xlim(0, 1)
+    bar_ax.set_xlabel('accuracy')
+    bar_ax.set_title('Per-class accuracy' + (' (10 worst, 10 best)' if len(names) > 20 else ''))
+    bar_ax.grid(alpha=0.3, axis='x')
+  else:
+    for ax in (conf_ax, bar_ax):
+      ax.axis('off')
+    conf_ax.text(0.5, 0.5, 'no final eval yet', ha='center', va='center')
+  fig.suptitle(f'{os.path.abspath(workdir)}: {dataset}', fontsize=12)
+  path = os.path.join(workdir, REPORT)
+  fig.savefig(path + '.tmp.png')
+  plt.close(fig)
+  os.replace(path + '.tmp.png', path)
+  return path

@@ -1,0 +1,272 @@
+"""Using a trained model (cifar_jax/inference.py, onnx_export.py, report.py, main.py modes):
+predict on image files, the serving bundle (jax.export and ONNX) against the JAX model for
+every architecture, report plots, the confusion matrix and a profiler window."""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import jax
+import numpy as np
+import pytest
+from helpers import CACHE_FLAG, ROOT, metrics_records, subprocess_env
+
+from flax import nnx
+
+from cifar_jax import create_train_state, inference, models
+from cifar_jax.device_pipeline import normalize
+
+SHARED_JPEGS = os.path.join(ROOT, '..', 'shared', 'data', 'cifar10-jpeg.tar.gz')
+RUN_ARGS = ['--config=configs/default.py', '--config.model=fast_cnn',
+            '--config.data_source=synthetic', '--config.num_synthetic_examples=512',
+            '--config.batch_size=32', '--config.eval_batch_size=64', '--config.num_train_steps=8',
+            '--config.input_pipeline=device', '--config.log_every_steps=2',
+            '--config.eval_every_steps=4', '--config.checkpoint_every_steps=4',
+            '--config.ema_decay=0.9', '--config.profile_steps=2:4', CACHE_FLAG]
+
+
+def main_py(*args, timeout=300):
+  return subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, env=subprocess_env(8),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def sample_images(n=16) -> np.ndarray:
+  """Real CIFAR-10 images when this machine has them (the first n of the JPEG copy's train
+  split), else structured ones (gradients and blocks, not noise)."""
+  if os.path.exists(SHARED_JPEGS):
+    from PIL import Image
+    images = []
+    with tarfile.open(SHARED_JPEGS, 'r:gz') as tar:
+      for member in tar:
+        if member.isfile() and member.name.endswith('.jpg'):
+          with Image.open(tar.extractfile(member)) as image:
+            images.append(np.asarray(image.convert('RGB'), np.uint8))
+          if len(images) == n:
+            return np.stack(images)
+  y, x = np.mgrid[0:32, 0:32]
+  rs = np.random.RandomState(0)
+  images = []
+  for i in range(n):
+    base = np.stack([(x * (i + 1) * 3) % 256, (y * 5 + i * 17) % 256, ((x + y) * 4) % 256], -1)
+    base[rs.randint(0, 24):, rs.randint(0, 24):] //= 2
+    images.append(base.astype(np.uint8))
+  return np.stack(images)
+
+
+# --- a trained run: report, confusion matrix, profiler -----------------------------------
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('inference') / 'run')
+  result = main_py(f'--workdir={workdir}', *RUN_ARGS)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_run_ends_with_a_readable_report(run):
+  from PIL import Image
+  with Image.open(os.path.join(run, 'report.png')) as image:
+    assert image.size == (1600, 1100)
+    assert np.asarray(image.convert('L')).std() > 10  # Something is drawn.
+
+
+def test_final_eval_records_confusion_matrix_and_class_accuracy(run):
+  records = [r for r in metrics_records(run) if 'confusion_matrix' in r]
+  assert [r['step'] for r in records] == [8]  # The final eval only.
+  confusion = np.asarray(records[0]['confusion_matrix'])
+  final = [r for r in metrics_records(run) if r.get('step') == 8 and 'eval_accuracy' in r][-1]
+  assert confusion.shape == (10, 10) and confusion.sum() == final['eval_count'] == 102
+  assert np.trace(confusion) / confusion.sum() == pytest.approx(final['eval_accuracy'])
+  assert set(records[0]['class_accuracy']) == set(inference.class_names('cifar10'))
+  # TensorBoard: the image and the per-class scalars.
+  from tensorboard.backend.event_processing import event_accumulator
+  events = event_accumulator.EventAccumulator(run, size_guidance={'images': 0, 'scalars': 0})
+  events.Reload()
+  assert 'confusion_matrix' in events.Tags()['images']
+  assert 'class_accuracy/cat' in events.Tags()['scalars']
+
+
+def test_profile_window_leaves_a_trace(run):
+  traces = glob.glob(os.path.join(run, 'plugins', 'profile', '*', '*.xplane.pb'))
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+
+
+def test_report_mode_redraws_it(run, tmp_path):
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(run, workdir)
+  os.remove(os.path.join(workdir, 'report.png'))
+  result = main_py(f'--workdir={workdir}', '--mode=report')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert os.path.exists(os.path.join(workdir, 'report.png'))
+
+
+# --- predict -------------------------------------------------------------------------------
+
+
+def test_predict_a_folder_with_a_bad_file_in_it(run, tmp_path):
+  from PIL import Image
+  folder = tmp_path / 'photos'
+  folder.mkdir()
+  images = sample_images(3)
+  Image.fromarray(images[0]).save(folder / 'a.png')
+  Image.fromarray(np.kron(images[1], np.ones((3, 2, 1), np.uint8))).save(folder / 'b.jpg')  # 96x64.
+  Image.fromarray(images[2][..., 0], 'L').save(folder / 'c.png')  # Greyscale.
+  (folder / 'notes.txt').write_text('not an image')
+  result = main_py(f'--workdir={run}', '--mode=predict', f'--inputs={folder}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  warnings = [l for l in result.stderr.splitlines() if l.startswith('warning:')]
+  assert len(warnings) == 1 and 'notes.txt' in warnings[0]
+  lines = [json.loads(l) for l in result.stdout.splitlines()]
+  assert [os.path.basename(l['file']) for l in lines] == ['a.png', 'b.jpg', 'c.png']
+  for line in lines:
+    top5 = line['top5']
+    assert len(top5) == 5 and top5[0]['probability'] >= top5[-1]['probability']
+    assert all(p['label'] == inference.class_names('cifar10')[p['index']] for p in top5)
+  # The same prediction as the model on the same pixels (a.png is 32x32: no resize).
+  config, state, _, _ = inference.load_run(run, 'best')
+  probs = inference.predict(inference.serving_function(inference.serving_model(config, state),
+                                                       'cifar10'), images[:1])
+  assert lines[0]['top5'][0]['index'] == int(np.argmax(probs[0]))
+  assert lines[0]['top5'][0]['probability'] == pytest.approx(float(probs[0].max()), abs=1e-5)
+  csv_path = tmp_path / 'out.csv'
+  result = main_py(f'--workdir={run}', '--mode=predict', f'--inputs={folder}/*.png',
+                   f'--output={csv_path}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = csv_path.read_text().splitlines()
+  assert rows[0].startswith('file,label1,index1,probability1') and len(rows) == 3
+
+
+def test_predict_with_nothing_readable_is_one_error_line(run, tmp_path):
+  (tmp_path / 'x.jpg').write_text('garbage')
+  result = main_py(f'--workdir={run}', '--mode=predict', f'--inputs={tmp_path}/x.jpg')
+  assert result.returncode == 2
+  errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  assert len(errors) == 1 and 'readable' in errors[0] and 'Traceback' not in result.stderr
+
+
+def test_resize_takes_the_centred_square():
+  from PIL import Image
+  image = np.zeros((64, 128, 3), np.uint8)
+  image[:, 32:96] = 200  # The centred square, bright; the sides dark.
+  assert (inference.to_cifar_size(Image.fromarray(image)) == 200).all()
+
+
+# --- the serving bundle, for every architecture ----------------------------------------
+# The larger ViTs are vit_tiny's code at other sizes (vit_giant's weights alone are 7 GB).
+EXPORTED = [m for m in models.MODELS if m not in ('vit_small', 'vit_base', 'vit_large',
+                                                  'vit_huge', 'vit_giant')]
+
+
+@pytest.fixture(scope='module')
+def bundles(tmp_path_factory):
+  from configs import default
+  root = tmp_path_factory.mktemp('bundles')
+  images = sample_images()
+  for name in EXPORTED:
+    config = default.get_config()
+    config.update(model=name, ema_decay=0.0)
+    state = create_train_state(config, jax.random.key(0), 256,
+                               train_images=images if name == 'airbench' else None)
+    # Weights off their init (the ViT head starts at zero) and BatchNorm statistics of real
+    # data (one train-mode pass with momentum 0), as a trained model has.
+    rs = np.random.RandomState(1)
+    params = jax.tree.map(lambda p: p + 0.05 * rs.standard_normal(np.shape(p)).astype(np.float32),
+                          state.params)
+    model = nnx.merge(state.graphdef, params, state.batch_stats, copy=True)
+    model.train()
+    model.set_attributes(nnx.BatchNorm, momentum=0.0, raise_if_not_found=False)
+    model(normalize(images, 'cifar10'))
+    state = state.replace(params=params, batch_stats=nnx.state(model, nnx.BatchStat))
+    directory = str(root / name)
+    inference.export_bundle(config, state, directory, 'test')
+    fn = jax.jit(inference.serving_function(inference.serving_model(config, state), 'cifar10'))
+    np.save(os.path.join(directory, 'images.npy'), images)
+    reference = np.asarray(fn(images))
+    assert reference.std(axis=0).mean() > 1e-2, name  # Logits that differ between images.
+    np.save(os.path.join(directory, 'reference.npy'), reference)
+  return {name: str(root / name) for name in EXPORTED}
+
+
+def _close(got, want) -> float:
+  return float(np.abs(got - want).max() / max(1.0, np.abs(want).max()))
+
+
+def test_jax_export_artifact_runs_in_a_fresh_process_without_the_project(bundles, tmp_path):
+  # -I: isolated (no PYTHONPATH, no script directory, no user site); cwd outside the repo.
+  code = '''
+import json, sys, jax, numpy as np
+errors = {}
+for name, directory in json.loads(sys.argv[1]).items():
+  with open(directory + '/model.jax', 'rb') as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  got = np.asarray(exported.call(np.load(directory + '/images.npy')))
+  want = np.load(directory + '/reference.npy')
+  errors[name] = float(np.abs(got - want).max() / max(1.0, np.abs(want).max()))
+  assert exported.in_avals[0].dtype == np.uint8 and not isinstance(exported.in_avals[0].shape[0], int)
+assert not any(m.startswith(('cifar_jax', 'flax')) for m in sys.modules), 'imported the project'
+print(json.dumps(errors))
+'''
+  result = subprocess.run([sys.executable, '-I', '-c', code, json.dumps(bundles)],
+                          cwd=str(tmp_path), env=subprocess_env(1), capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  errors = json.loads(result.stdout.splitlines()[-1])
+  print('jax.export artifact vs JAX, max |diff| / max(1, max |logit|):', errors)
+  assert set(errors) == set(EXPORTED)
+  assert max(errors.values()) <= 1e-4, errors
+
+
+def _onnx_python():
+  python = os.environ.get('CIFAR_JAX_ONNX_PYTHON')
+  if python:
+    return python
+  try:
+    import jax2onnx  # pylint: disable=unused-import
+    import onnxruntime  # pylint: disable=unused-import
+    return sys.executable
+  except ImportError:
+    return None
+
+
+def test_onnx_model_matches_the_jax_model(bundles):
+  python = _onnx_python()
+  if python is None:
+    pytest.skip('ONNX half skipped: jax2onnx and onnxruntime are not installed here (they pin '
+                'an older orbax-checkpoint); `python -m venv .venv-onnx && .venv-onnx/bin/pip '
+                'install -r requirements-onnx.txt`, then CIFAR_JAX_ONNX_PYTHON=.venv-onnx/bin/python')
+  code = '''
+import json, sys, numpy as np, onnxruntime as ort
+from cifar_jax import onnx_export
+errors = {}
+for name, directory in json.loads(sys.argv[1]).items():
+  session = ort.InferenceSession(onnx_export.convert(directory))
+  got = session.run(None, {'images': np.load(directory + '/images.npy')})[0]
+  want = np.load(directory + '/reference.npy')
+  errors[name] = float(np.abs(got - want).max() / max(1.0, np.abs(want).max()))
+print(json.dumps(errors))
+'''
+  env = dict(subprocess_env(1), PYTHONPATH=ROOT)
+  result = subprocess.run([python, '-c', code, json.dumps(bundles)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  errors = json.loads(result.stdout.splitlines()[-1])
+  print('ONNX Runtime vs JAX, max |diff| / max(1, max |logit|):', errors)
+  assert set(errors) == set(EXPORTED)
+  assert max(errors.values()) <= 1e-4, errors
+
+
+def test_export_mode_writes_the_bundle(run, tmp_path):
+  bundle = tmp_path / 'bundle'
+  python = _onnx_python()
+  result = main_py(f'--workdir={run}', '--mode=export', f'--export_dir={bundle}',
+                   f'--onnx_python={python or ""}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  names = set(os.listdir(bundle))
+  assert {'model.jax', 'labels.json', 'README.txt', 'weights.npz', 'model.json'} <= names
+  assert ('model.onnx' in names) == (python is not None)
+  assert json.loads((bundle / 'labels.json').read_text())[3] == 'cat'
+  assert 'onnxruntime' in (bundle / 'README.txt').read_text()
