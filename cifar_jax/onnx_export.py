@@ -46,14 +46,21 @@ def build(bundle: str):
 
 
 def convert(bundle: str) -> str:
-  """Writes BUNDLE/model.onnx; returns its path."""
+  """Writes BUNDLE/model.onnx, one self-contained file (weights inside); returns its path."""
   import jax2onnx  # pylint: disable=import-outside-toplevel
+  import onnx  # pylint: disable=import-outside-toplevel
   batch = jax.export.symbolic_shape('batch')[0]
   spec = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.uint8)
   path = os.path.join(bundle, 'model.onnx')
-  jax2onnx.to_onnx(build(bundle), [spec], model_name='cifar_jax', opset=OPSET,
-                   input_names=['images'], output_names=['logits'], return_mode='file',
-                   output_path=path + '.tmp')
+  proto = jax2onnx.to_onnx(build(bundle), [spec], model_name='cifar_jax', opset=OPSET,
+                           input_names=['images'], output_names=['logits'], return_mode='proto')
+  # jax2onnx's intermediate shape annotations (some in its internal NCHW layout) are optional
+  # and make ONNX Runtime warn at load; the runtimes infer the shapes themselves.
+  del proto.graph.value_info[:]
+  # Protobuf's 2 GB limit: beyond it the weights go to model.onnx.data beside it.
+  external = proto.ByteSize() > 1_900_000_000
+  onnx.save_model(proto, path + '.tmp', save_as_external_data=external,
+                  location='model.onnx.data')
   os.replace(path + '.tmp', path)
   return path
 

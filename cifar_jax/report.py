@@ -110,7 +110,7 @@ def write_report(workdir: str) -> str:
   loss_ax, acc_ax, lr_ax = (fig.add_subplot(grid[0, i]) for i in range(3))
   for ax, key, title in ((loss_ax, 'loss', 'Loss'), (acc_ax, 'accuracy', 'Accuracy')):
     if train:
-      ax.plot(epoch(train), [r[f'train_{key}'] for r in train],
+      ax.plot(epoch(train), [r[f'train_{key}'] for r in train], '.-', markersize=4,
               label='train (mean since the previous log)', color='tab:blue')
     if evals:
       ax.plot(epoch(evals), [r[f'eval_{key}'] for r in evals], 'o-', label='eval (test split)',
@@ -125,7 +125,8 @@ def write_report(workdir: str) -> str:
     acc_ax.set_title(f'Accuracy: final eval {evals[-1]["eval_accuracy"]:.2%}, best '
                      f'{best["eval_accuracy"]:.2%} (step {best["step"]})')
   if train and 'learning_rate' in train[0]:
-    lr_ax.plot(epoch(train), [r['learning_rate'] for r in train], color='tab:green')
+    lr_ax.plot(epoch(train), [r['learning_rate'] for r in train], '.-', markersize=4,
+               color='tab:green')
   lr_ax.set_xlabel(x_label)
   lr_ax.set_ylabel('learning rate')
   lr_ax.set_title('Learning rate')

@@ -103,6 +103,8 @@ def test_airbench_units_are_for_sgd_and_widths_for_models_that_have_them(small_c
     ({'micro_batches': 4, 'batch_size': 48}, r'batch_size=48 is not divisible by 4 micro-batches '
                                               r'x the 8 devices.*batch_size=32'),
     ({'micro_batches': 0}, r'config.micro_batches=0 must be an integer >= 1'),
+    ({'profile_steps': '10'}, r'config.profile_steps=.10. must be "A:B".*profile_steps=100:110'),
+    ({'profile_steps': '5:5'}, r'config.profile_steps=.5:5. must be "A:B" with 0 <= A < B'),
 ])
 def test_large_model_settings_name_the_fix(small_config, changes, message):
   small_config.update(changes)

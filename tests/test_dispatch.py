@@ -1,4 +1,6 @@
 """Many steps per compiled call: same bits as one step per call, exact boundaries."""
+import itertools
+
 import jax
 import numpy as np
 import pytest
@@ -77,3 +79,11 @@ def test_the_first_non_finite_step_is_tracked_on_the_device(setup, name, loop):
   first_bad = np.asarray(carry['first_bad']).reshape(-1)[0]
   assert first_bad == 6 and int(np.ravel(state.step)[0]) == 8
   assert not np.isfinite(np.asarray(carry['sums']['train_loss']).reshape(-1)[0])
+
+
+def test_schedule_cuts_dispatches_at_the_profiler_window():
+  sizes = dispatch.schedule(0, 40, 16, (20,), boundaries=(5, 9))
+  ends = list(itertools.accumulate(sizes))
+  assert sizes[0] == 1 and sum(sizes) == 40
+  assert {5, 9, 20, 40} <= set(ends)
+  assert max(sizes) <= 16

@@ -268,5 +268,6 @@ def test_export_mode_writes_the_bundle(run, tmp_path):
   names = set(os.listdir(bundle))
   assert {'model.jax', 'labels.json', 'README.txt', 'weights.npz', 'model.json'} <= names
   assert ('model.onnx' in names) == (python is not None)
+  assert not [n for n in names if n.endswith(('.data', '.tmp'))]  # One self-contained file.
   assert json.loads((bundle / 'labels.json').read_text())[3] == 'cat'
   assert 'onnxruntime' in (bundle / 'README.txt').read_text()
