@@ -171,7 +171,7 @@ RESUME_SAFE_FIELDS = frozenset({
     'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'checkpoint_max_to_keep',
     'checkpoint_step', 'num_epochs', 'num_train_steps', 'data_dir', 'eval_batch_size',
     'parallelism', 'steps_per_dispatch', 'compilation_cache_dir', 'tta', 'tta_every_eval',
-    'mesh_shape', 'sharding', 'remat', 'profile_steps',
+    'mesh_shape', 'sharding', 'remat', 'profile_steps', 'report',
 })
 
 

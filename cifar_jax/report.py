@@ -2,8 +2,9 @@
 
 Four panels: train and eval loss against epoch; train and eval accuracy against
 epoch; the learning rate; the final eval's confusion matrix (row-normalized) with
-each class's accuracy in its row label. Written at the end of every run and by
-`main.py --mode=report`. matplotlib with the Agg backend (no display); no JAX.
+each class's accuracy in its row label, and per-class accuracy bars. Written at the end of
+every run (unless `config.report=False`) and by `main.py --mode=report`. matplotlib's
+Figure API with the Agg canvas (no pyplot, no display); no JAX.
 """
 from __future__ import annotations
 
@@ -26,11 +27,10 @@ def class_accuracy(confusion: np.ndarray, names) -> dict:
           for i, name in enumerate(names)}
 
 
-def _pyplot():
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  return plt
+def _figure(**kwargs):
+  """A matplotlib Figure drawn by the Agg canvas: no pyplot, no display, no global state."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  return Figure(layout='constrained', dpi=100, **kwargs)
 
 
 def _draw_confusion(ax, confusion: np.ndarray, names, step: int):
@@ -63,12 +63,11 @@ def _draw_confusion(ax, confusion: np.ndarray, names, step: int):
 
 def confusion_png(confusion: np.ndarray, names, step: int) -> bytes:
   """The confusion matrix alone, as PNG bytes (for TensorBoard)."""
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(7, 6), dpi=100, layout='constrained')
+  fig = _figure(figsize=(7, 6))
+  ax = fig.add_subplot()
   fig.colorbar(_draw_confusion(ax, confusion, names, step), ax=ax, label='fraction of the row')
   buffer = io.BytesIO()
   fig.savefig(buffer, format='png')
-  plt.close(fig)
   return buffer.getvalue()
 
 
@@ -104,8 +103,7 @@ def write_report(workdir: str) -> str:
   epoch = lambda rs: [r['step'] * per_step if per_step else r['step'] for r in rs]
   x_label = 'epoch' if per_step else 'step'
 
-  plt = _pyplot()
-  fig = plt.figure(figsize=(16, 11), dpi=100, layout='constrained')
+  fig = _figure(figsize=(16, 11))
   grid = fig.add_gridspec(2, 3, height_ratios=(1, 1.4))
   loss_ax, acc_ax, lr_ax = (fig.add_subplot(grid[0, i]) for i in range(3))
   for ax, key, title in ((loss_ax, 'loss', 'Loss'), (acc_ax, 'accuracy', 'Accuracy')):
@@ -156,6 +154,5 @@ def write_report(workdir: str) -> str:
   fig.suptitle(f'{os.path.abspath(workdir)}: {dataset}', fontsize=12)
   path = os.path.join(workdir, REPORT)
   fig.savefig(path + '.tmp.png')
-  plt.close(fig)
   os.replace(path + '.tmp.png', path)
   return path

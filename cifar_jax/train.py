@@ -105,13 +105,16 @@ def _shardings(state):
   return jax.tree.map(lambda x: x.sharding, state)
 
 
-def _write_confusion(writer, step: int, confusion: np.ndarray, dataset: str) -> None:
+def _write_confusion(writer, step: int, confusion: np.ndarray, dataset: str,
+                     image: bool = True) -> None:
   """The final eval's confusion matrix and per-class accuracy: a metrics.jsonl record,
-  TensorBoard scalars `class_accuracy/<name>` and an image."""
+  TensorBoard scalars `class_accuracy/<name>` and (with `image`) an image."""
   names = data_sources.CLASS_NAMES[dataset]
   accuracy = report_lib.class_accuracy(confusion, names)
   writer.write_json(step, {'confusion_matrix': confusion.astype(int).tolist(),
                            'class_accuracy': accuracy})
+  if not image:
+    return
   try:
     writer.write_image(step, 'confusion_matrix', report_lib.confusion_png(confusion, names, step))
   except ImportError as e:
@@ -274,7 +277,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
           confusion = eval_metrics.pop('confusion')
           writer.write_scalars(step, eval_metrics)
           if step == total_steps:
-            _write_confusion(writer, step, confusion, config.dataset)
+            _write_confusion(writer, step, confusion, config.dataset, config.report)
           checkpointing.save(best_manager, backend.get_state(state), step, metrics=eval_metrics)
           t_log = time.perf_counter()
         if step % config.checkpoint_every_steps == 0 or step == total_steps:
@@ -293,7 +296,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         eval_metrics = evaluate(backend, state, test_data, config, test_feed, config.tta)
         confusion = eval_metrics.pop('confusion')
         writer.write_scalars(total_steps, eval_metrics)
-        _write_confusion(writer, total_steps, confusion, config.dataset)
+        _write_confusion(writer, total_steps, confusion, config.dataset, config.report)
     finally:
       # Also on an error (e.g. NaN): a save in flight must land before the process exits,
       # since the error message points at it.
@@ -303,7 +306,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   best_manager.close()
   writer.flush()
   writer.close()
-  if is_main and result is None:
+  if is_main and result is None and config.report:
     _write_report(workdir)
   return result or eval_metrics
 

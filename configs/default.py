@@ -60,5 +60,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000  # Orbax checkpoint every this many steps (and at the end).
   config.checkpoint_max_to_keep = 3  # Most recent checkpoints kept (the best one is kept apart).
   config.checkpoint_step = -1        # --mode=eval: the checkpoint step to evaluate (-1 = latest).
+  config.report = True               # Draw WORKDIR/report.png and the TensorBoard confusion-matrix image at the end (~1 s, matplotlib).
   config.profile_steps = ''          # "A:B": a profiler trace of steps A+1..B in WORKDIR/plugins/profile (TensorBoard/XProf); '' = off.
   return config

@@ -27,7 +27,8 @@ ARGS = ['--config=configs/default.py', '--config.lr_schedule=onecycle', '--confi
         '--config.eval_batch_size=64', '--config.learning_rate=0.01',
         f'--config.num_train_steps={STEPS}', '--config.log_every_steps=1',
         f'--config.eval_every_steps={STEPS}', '--config.checkpoint_every_steps=3',
-        '--config.input_pipeline=host', CACHE_FLAG]
+        '--config.input_pipeline=host',
+        '--config.report=False', CACHE_FLAG]  # (Plots: test_inference.)
 TIMEOUT = 240
 
 

@@ -22,7 +22,8 @@ ARGS = ['--config=configs/default.py', '--config.lr_schedule=onecycle', '--confi
         '--config.num_synthetic_examples=512', '--config.batch_size=64',
         '--config.eval_batch_size=64', '--config.ema_decay=0.9', f'--config.num_train_steps={STEPS}',
         '--config.log_every_steps=1', '--config.eval_every_steps=6',
-        '--config.checkpoint_every_steps=4', '--config.input_pipeline=host', CACHE_FLAG]
+        '--config.checkpoint_every_steps=4', '--config.input_pipeline=host',
+        '--config.report=False', CACHE_FLAG]  # (Plots: test_inference.)
 
 
 _env = subprocess_env
@@ -301,7 +302,7 @@ AIRBENCH_ARGS = ['--config=configs/airbench.py', '--config.model_widths=(8, 16, 
                  '--config.half_precision=False', f'--config.num_train_steps={AIRBENCH_STEPS}',
                  '--config.whiten_bias_epochs=1', '--config.steps_per_dispatch=8',
                  '--config.log_every_steps=4', '--config.eval_every_steps=8',
-                 '--config.checkpoint_every_steps=8', CACHE_FLAG]
+                 '--config.checkpoint_every_steps=8', '--config.report=False', CACHE_FLAG]
 
 
 def run_airbench(workdir, fault=None):

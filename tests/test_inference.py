@@ -165,7 +165,7 @@ EXPORTED = [m for m in models.MODELS if m not in ('vit_small', 'vit_base', 'vit_
 def bundles(tmp_path_factory):
   from configs import default
   root = tmp_path_factory.mktemp('bundles')
-  images = sample_images()
+  images = sample_images(8)
   for name in EXPORTED:
     config = default.get_config()
     config.update(model=name, ema_decay=0.0)
