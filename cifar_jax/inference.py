@@ -207,19 +207,19 @@ Files:
 """
 
 
-def export_bundle(config, state, export_dir: str, source: str) -> dict:
-  """Writes the serving bundle (all but model.onnx: see onnx_export.py) into `export_dir`.
-
-  Returns {'platforms': [...], 'files': [...]}."""
+def export_bundle(config, state, export_dir: str, source: str,
+                  platforms: tuple[str, ...] = EXPORT_PLATFORMS) -> dict:
+  """Writes the serving bundle (all but model.onnx: see onnx_export.py) into `export_dir`,
+  `model.jax` lowered for `platforms`. Returns {'platforms': [...], 'files': [...]}."""
   os.makedirs(export_dir, exist_ok=True)
   model = serving_model(config, state)
   fn = jax.jit(serving_function(model, config.dataset))
   batch = jax.export.symbolic_shape('batch')[0]
   spec = jax.ShapeDtypeStruct((batch, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.uint8)
   try:
-    exported = jax.export.export(fn, platforms=EXPORT_PLATFORMS)(spec)
+    exported = jax.export.export(fn, platforms=platforms)(spec)
   except Exception as e:  # pylint: disable=broad-except  # A platform this jaxlib cannot lower.
-    logging.warning('Lowering for %s failed (%s); exporting for %s only.', EXPORT_PLATFORMS,
+    logging.warning('Lowering for %s failed (%s); exporting for %s only.', platforms,
                     str(e).splitlines()[0][:200], jax.default_backend())
     exported = jax.export.export(fn, platforms=(jax.default_backend(),))(spec)
   files = {}

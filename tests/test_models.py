@@ -112,7 +112,7 @@ def test_vit_forward_and_no_batchnorm():
   assert not jax.tree.leaves(nnx.state(model, nnx.BatchStat))
 
 
-@pytest.mark.parametrize('name', ['resnet20', 'vit_micro'])
+@pytest.mark.parametrize('name', ['fast_cnn', 'vit_micro'])
 def test_remat_gives_the_same_step_and_checkpoints_every_block(small_config, name):
   # Same numbers, and every block is a checkpoint in the program. (What it saves is the
   # compiler's to decide: test_sharding checks wrn28_10's temporaries halve.)
