@@ -20,13 +20,11 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
-
 from flax import nnx
 
-from cifar_jax import checkpointing, device_pipeline, models, step as step_lib
+from cifar_jax import device_pipeline, models
 from cifar_jax.data_sources import CLASS_NAMES, NUM_CLASSES
 from cifar_jax.errors import UserError
 
@@ -36,8 +34,11 @@ CHECKPOINTS = ('best', 'latest')
 
 
 # --- a run's model ---------------------------------------------------------------------
-def run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with (`workdir/config.json`)."""
+# Checkpoints, configs and the train state are imported where used: `onnx_export` imports
+# this module in jax2onnx's environment, which has neither ml_collections nor our orbax.
+def run_config(workdir: str):
+  """The config a run was trained with (`workdir/config.json`), as a ConfigDict."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise UserError(f'{path} does not exist; point --workdir at a training run')
@@ -55,6 +56,7 @@ def load_run(workdir: str, checkpoint: str = 'best'):
   `best` is the best-by-eval-accuracy checkpoint, or the latest one if the run
   has not evaluated yet (said in the log).
   """
+  from cifar_jax import checkpointing, step as step_lib  # pylint: disable=import-outside-toplevel
   config = run_config(workdir)
   if checkpoint not in CHECKPOINTS and not str(checkpoint).isdigit():
     raise UserError(f'--checkpoint={checkpoint!r} must be best, latest or a step number')
@@ -79,19 +81,23 @@ def load_run(workdir: str, checkpoint: str = 'best'):
   return config, state, step, f'{"best" if use_best else "checkpoint"} {directory}/{step} ({weights})'
 
 
-def serving_model(config, state: step_lib.TrainState) -> nnx.Module:
-  """The run's model in eval mode with its EMA weights (when kept), computing in float32
-  whatever `half_precision` was (what ONNX runtimes run, and what predict and the
-  exported artifacts compare against), without remat."""
-  widths = tuple(config.get('model_widths', ()))
+def float32_model(name: str, num_classes: int, widths, params, batch_stats) -> nnx.Module:
+  """Model `name` with these weights in eval mode, computing in float32 (whatever
+  `half_precision` trained it: what ONNX runtimes run), without remat."""
   abstract = nnx.eval_shape(lambda: models.create_model(
-      config.model, NUM_CLASSES[config.dataset], dtype=jnp.float32, rngs=nnx.Rngs(0),
-      widths=widths))
+      name, num_classes, dtype=jnp.float32, rngs=nnx.Rngs(0), widths=tuple(widths)))
   graphdef = nnx.split(abstract, nnx.Param, nnx.BatchStat)[0]
-  params = state.ema_params if state.ema_params is not None else state.params
-  model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
+  model = nnx.merge(graphdef, params, batch_stats, copy=True)
   model.eval()
   return model
+
+
+def serving_model(config, state) -> nnx.Module:
+  """The run's model (`float32_model`) with its EMA weights when it kept them: what
+  predict and both exported formats run."""
+  params = state.ema_params if state.ema_params is not None else state.params
+  return float32_model(config.model, NUM_CLASSES[config.dataset],
+                       config.get('model_widths', ()), params, state.batch_stats)
 
 
 def serving_function(model: nnx.Module, dataset: str):

@@ -4,7 +4,8 @@ jax2onnx pins an older orbax-checkpoint than training needs, so it lives in its 
 environment (`requirements-onnx.txt`); this module needs only jax, flax and jax2onnx
 from it (no orbax, no TensorFlow, no checkpoint): it rebuilds the model from the
 bundle's `model.json` and `weights.npz` (written by `inference.export_bundle`) and
-converts the same uint8 -> logits function as `model.jax`, with a symbolic batch.
+converts the same uint8 -> logits function as `model.jax` (`inference.serving_function`),
+with a symbolic batch.
 `main.py --mode=export` runs it in that environment (`--onnx_python`).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cifar_jax import device_pipeline, models
+from cifar_jax import inference, models
 
 OPSET = 23
 
@@ -28,21 +29,17 @@ def build(bundle: str):
   with open(os.path.join(bundle, 'model.json'), encoding='utf-8') as f:
     meta = json.load(f)
   abstract = nnx.eval_shape(lambda: models.create_model(
-      meta['model'], meta['num_classes'], dtype=jnp.float32, rngs=nnx.Rngs(0),
+      meta['model'], meta['num_classes'], rngs=nnx.Rngs(0),
       widths=tuple(meta['model_widths'])))
-  graphdef, params, batch_stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
-  tree = {'params': params, 'batch_stats': batch_stats}
+  _, params, batch_stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
+  tree = {'params': params, 'batch_stats': batch_stats}  # The layout export_bundle saved.
   with np.load(os.path.join(bundle, 'weights.npz')) as weights:
     leaves = [jnp.asarray(weights[jax.tree_util.keystr(p)])
               for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
   tree = jax.tree.unflatten(jax.tree.structure(tree), leaves)
-  model = nnx.merge(graphdef, tree['params'], tree['batch_stats'])
-  model.eval()
-
-  def logits(images):
-    return model(device_pipeline.normalize(images, meta['dataset'])).astype(jnp.float32)
-
-  return logits
+  model = inference.float32_model(meta['model'], meta['num_classes'], meta['model_widths'],
+                                  tree['params'], tree['batch_stats'])
+  return inference.serving_function(model, meta['dataset'])
 
 
 def convert(bundle: str) -> str:

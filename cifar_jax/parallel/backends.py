@@ -207,19 +207,19 @@ class Backend:
       feed_kind = 'batches' if pipeline == 'host' else 'data'
       jitted = self.compile(fn, ('train_state', 'state', feed_kind, 'scalar', 'scalar',
                                  'scalar'), ('train_state', 'state'), donate=(0, 1))
-      executable = {}
+      executable = []
 
       def compiled(*args):
-        # Compiled ahead of time at the first call, to read its memory statistics. Other
-        # arguments (e.g. a state with another schedule) go through jit's own cache.
-        key = (jax.tree.structure(args),
-               tuple((np.shape(x), np.result_type(x)) for x in jax.tree.leaves(args)))
-        if key not in executable:
-          if executable:
-            return jitted(*args)
-          executable[key] = jitted.lower(*args).compile()
-          self.memory = _memory_stats(executable[key])
-        return executable[key](*args)
+        # Compiled ahead of time at the first call, to read its memory statistics. The
+        # executable checks its arguments itself; others (e.g. a state with another
+        # schedule) go through jit's own cache.
+        if not executable:
+          executable.append(jitted.lower(*args).compile())
+          self.memory = _memory_stats(executable[0])
+        try:
+          return executable[0](*args)
+        except TypeError:  # Raised before anything runs or is donated.
+          return jitted(*args)
 
       def run(state, carry, feed, num_steps, poison_step):
         if loop:
