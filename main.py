@@ -6,16 +6,24 @@ with the same workdir resumes from its latest checkpoint. With a trained
 --export_dir=...` writes a serving bundle (jax.export and ONNX) and `--mode=report`
 draws the run's plots; these read the run's own config.json (no --config).
 """
+import contextlib
+import csv
+import io
 import json
 import logging as pylogging
 import os
 import subprocess
 import sys
+import tempfile
+
+# Workdir and data I/O on gs:// through gcsfs / google-cloud-storage (cifar_jax/storage.py),
+# not TensorFlow's GCS client, unless the environment says otherwise. Before epath is used.
+os.environ.setdefault('EPATH_USE_TF', 'false')
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cifar_jax import distributed, train, xla_cpu
+from cifar_jax import distributed, storage, train, xla_cpu
 from cifar_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -112,15 +120,15 @@ def predict():
   top5 = inference.top_k(inference.predict(fn, images, config.eval_batch_size),
                          inference.class_names(config.dataset))
   if FLAGS.output:
-    import csv  # pylint: disable=import-outside-toplevel
-    with open(FLAGS.output, 'w', newline='', encoding='utf-8') as f:
-      writer = csv.writer(f)
-      k = len(top5[0])
-      writer.writerow(['file'] + [f'{c}{r}' for r in range(1, k + 1)
-                                  for c in ('label', 'index', 'probability')])
-      for path, row in zip(good, top5):
-        writer.writerow([path] + [v for p in row for v in (p['label'], p['index'],
-                                                              p['probability'])])
+    text = io.StringIO(newline='')
+    writer = csv.writer(text)
+    k = len(top5[0])
+    writer.writerow(['file'] + [f'{c}{r}' for r in range(1, k + 1)
+                                for c in ('label', 'index', 'probability')])
+    for path, row in zip(good, top5):
+      writer.writerow([path] + [v for p in row for v in (p['label'], p['index'],
+                                                            p['probability'])])
+    storage.write_whole(FLAGS.output, text.getvalue())
     logging.info('Wrote %s (%d rows).', FLAGS.output, len(good))
   else:
     for path, row in zip(good, top5):
@@ -144,21 +152,33 @@ def export() -> dict:
   if not FLAGS.export_dir:
     raise UserError('--mode=export needs --export_dir=DIR (the bundle to write)')
   config, state, _, source = inference.load_run(FLAGS.workdir, FLAGS.checkpoint)
-  result = inference.export_bundle(config, state, FLAGS.export_dir, source)
+  remote = storage.is_remote(FLAGS.export_dir)  # Built locally, then uploaded file by file.
+  with (tempfile.TemporaryDirectory(prefix='cifar_jax_bundle_') if remote else
+        contextlib.nullcontext(FLAGS.export_dir)) as bundle:
+    result = inference.export_bundle(config, state, bundle, source)
+    onnx = _convert_to_onnx(bundle)
+    if remote:
+      storage.copy_files(bundle, FLAGS.export_dir)
+  return {'export_dir': FLAGS.export_dir, 'onnx': onnx, 'platforms': result['platforms']}
+
+
+def _convert_to_onnx(bundle: str) -> str:
+  """model.onnx in the local `bundle`, converted in the ONNX environment; 'skipped' without
+  one."""
   python = _onnx_python()
   if python is None:
     logging.warning('No model.onnx: jax2onnx is not installed here. Make an environment with '
                     '`pip install -r requirements-onnx.txt` and pass --onnx_python=ITS_PYTHON.')
-    return {'export_dir': FLAGS.export_dir, 'onnx': 'skipped', 'platforms': result['platforms']}
+    return 'skipped'
   root = os.path.dirname(os.path.abspath(__file__))
   env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''),
              JAX_PLATFORMS='cpu')
-  done = subprocess.run([python, '-m', 'cifar_jax.onnx_export', FLAGS.export_dir], env=env,
+  done = subprocess.run([python, '-m', 'cifar_jax.onnx_export', bundle], env=env,
                         capture_output=True, text=True, check=False)
   if done.returncode:
     raise UserError(f'the ONNX conversion failed ({python}): '
                     f'{(done.stderr.strip().splitlines() or ["no output"])[-1]}')
-  return {'export_dir': FLAGS.export_dir, 'onnx': 'model.onnx', 'platforms': result['platforms']}
+  return 'model.onnx'
 
 
 if __name__ == '__main__':

@@ -6,18 +6,20 @@ data position follows from the step. Restores build their target shapes and
 shardings from the current devices, never from the topology that wrote the
 checkpoint, so a run can resume on another device count or backend.
 
-Saves are asynchronous and atomic (Orbax writes a temporary directory and
-renames it when complete), so a crash mid-save leaves the previous checkpoint
-as the latest. A damaged checkpoint is skipped with a warning, never deleted.
+Saves are asynchronous and atomic, so a crash mid-save leaves the previous
+checkpoint as the latest. Orbax decides what is complete: locally it writes a
+temporary directory and renames it; on gs:// (no rename) it writes the step's
+directory in place and marks it complete with `commit_success.txt` last, and
+lists only marked steps. A damaged checkpoint is skipped with a warning, never
+deleted.
 """
 from __future__ import annotations
-
-import os
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from cifar_jax import storage
 from cifar_jax.errors import UserError
 from cifar_jax.step import TrainState
 
@@ -45,11 +47,12 @@ def _barrier_prefix(name: str) -> ocp.options.MultiprocessingOptions:
   return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
 
 
-def checkpoints_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+def checkpoints_dir(workdir):
+  """`workdir/checkpoints` (an epath.Path: local or gs://)."""
+  return storage.path(workdir) / 'checkpoints'
 
 
-def create_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
+def create_manager(workdir, max_to_keep: int = 3) -> ocp.CheckpointManager:
   _use_whole_array_saves_for_small_arrays()
   return ocp.CheckpointManager(
       checkpoints_dir(workdir),
@@ -58,7 +61,7 @@ def create_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
           multiprocessing_options=_barrier_prefix('checkpoints')))
 
 
-def open_read_only(workdir: str, directory: str | None = None) -> ocp.CheckpointManager:
+def open_read_only(workdir, directory=None) -> ocp.CheckpointManager:
   """The checkpoints of `workdir` (or of `directory`, e.g. its best_checkpoint) for reading
   only (eval, predict and export change nothing)."""
   return ocp.CheckpointManager(
@@ -66,11 +69,15 @@ def open_read_only(workdir: str, directory: str | None = None) -> ocp.Checkpoint
       options=ocp.CheckpointManagerOptions(read_only=True, create=False))
 
 
-def create_best_manager(workdir: str) -> ocp.CheckpointManager:
+def best_dir(workdir):
+  return storage.path(workdir) / 'best_checkpoint'
+
+
+def create_best_manager(workdir) -> ocp.CheckpointManager:
   """The best checkpoint by eval accuracy, apart from the rotating ones."""
   _use_whole_array_saves_for_small_arrays()
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'best_checkpoint'),
+      best_dir(workdir),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=1, best_fn=lambda metrics: metrics['eval_accuracy'], best_mode='max',
           keep_checkpoints_without_metrics=False, create=True, enable_async_checkpointing=True,
@@ -127,13 +134,13 @@ def restore(manager: ocp.CheckpointManager, template: TrainState, sharding,
       restored = manager.restore(candidate, args=ocp.args.StandardRestore(target))
       jax.block_until_ready(restored)
     except Exception as e:  # pylint: disable=broad-except  # Orbax/tensorstore raise many kinds.
-      where = os.path.join(str(manager.directory), str(candidate))
+      where = f'{manager.directory}/{candidate}'
       logging.warning('Checkpoint %s is damaged or incompatible (%s: %s); trying an older one.',
                       where, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else '')
       damaged.append(where)
       continue
     if int(restored['step']) != candidate:
-      damaged.append(os.path.join(str(manager.directory), str(candidate)))
+      damaged.append(f'{manager.directory}/{candidate}')
       logging.warning('Checkpoint %s holds step %d; skipping it.', damaged[-1],
                       int(restored['step']))
       continue

@@ -23,9 +23,11 @@ def configure(directory: str) -> str | None:
   if not directory:
     jax.config.update('jax_enable_compilation_cache', False)
     return None
-  path = os.path.abspath(os.path.expanduser(directory))
+  remote = '://' in directory  # gs://: JAX's cache reads and writes it itself (etils.epath).
+  path = directory if remote else os.path.abspath(os.path.expanduser(directory))
   try:
-    os.makedirs(path, exist_ok=True)
+    if not remote:
+      os.makedirs(path, exist_ok=True)
   except OSError as e:
     logging.warning('Compilation cache off: cannot create %s (%s).', path, e)
     jax.config.update('jax_enable_compilation_cache', False)

@@ -5,9 +5,8 @@ Each problem raises `UserError` with one line naming the field and the fix.
 from __future__ import annotations
 
 import json
-import os
 
-from cifar_jax import data_sources, models, optimizers, parallel, step
+from cifar_jax import data_sources, models, optimizers, parallel, step, storage
 from cifar_jax.errors import UserError
 
 INPUT_PIPELINES = ('host', 'device')
@@ -119,7 +118,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
       raise UserError('config.data_dir is empty but data_source=archive needs it; '
                       'set --config.data_dir=<folder holding cifar-10-binary.tar.gz or '
                       'cifar-10-python.tar.gz or their extracted folder>')
-    if not os.path.exists(os.path.expanduser(config.data_dir)):
+    if not storage.path(config.data_dir).exists():  # Local or gs://.
       raise UserError(f'config.data_dir={config.data_dir!r} does not exist; point '
                       '--config.data_dir at the folder holding the CIFAR archive')
   if config.data_source == 'synthetic' and config.num_synthetic_examples and \

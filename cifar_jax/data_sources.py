@@ -2,7 +2,8 @@
 
 Each source returns a whole split as host numpy arrays (CIFAR fits in memory):
 images uint8 [N, 32, 32, 3] and labels int32 [N]. Only the `tfds` source
-imports TensorFlow; `archive` and `synthetic` are pure numpy.
+imports TensorFlow; `archive` and `synthetic` are pure numpy. `data_dir` may be
+local or gs:// (read through `storage`, never TensorFlow's own GCS client).
 """
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import os
 import pickle
 import socket
 import tarfile
+import tempfile
 from typing import NamedTuple
 
 import numpy as np
 
+from cifar_jax import storage
 from cifar_jax.errors import UserError
 
 SOURCES = ('tfds', 'archive', 'synthetic')
@@ -102,30 +105,27 @@ def from_archive(dataset: str, split: str, data_dir: str) -> Split:
   if not data_dir:
     raise UserError('config.data_dir is empty; set --config.data_dir to the folder holding '
                     f'{_LAYOUTS[dataset][0][1]} (or its extracted folder)')
-  data_dir = os.path.expanduser(data_dir)
+  root = storage.path(data_dir)
   for folder, archive, members, fmt in _LAYOUTS[dataset]:
     names = members[split]
-    for candidate in (os.path.join(data_dir, folder), data_dir):
-      if os.path.isdir(candidate) and all(os.path.isfile(os.path.join(candidate, n)) for n in names):
-        blobs = []
-        for n in names:
-          with open(os.path.join(candidate, n), 'rb') as f:
-            blobs.append((n, f.read()))
-        return _decode(dataset, fmt, blobs, candidate)
-    for candidate in (os.path.join(data_dir, archive), data_dir):
-      if os.path.isfile(candidate) and os.path.basename(candidate) == archive:
-        return _decode(dataset, fmt, _read_tar_members(candidate, folder, names), candidate)
+    for candidate in (root / folder, root):
+      if candidate.is_dir() and all((candidate / n).is_file() for n in names):
+        return _decode(dataset, fmt, [(n, (candidate / n).read_bytes()) for n in names],
+                       str(candidate))
+    for candidate in (root / archive, root):
+      if candidate.name == archive and candidate.is_file():
+        return _decode(dataset, fmt, _read_tar_members(candidate, folder, names), str(candidate))
   expected = ', '.join(f'{a} or {f}/' for f, a, _, _ in _LAYOUTS[dataset])
   raise UserError(f'config.data_dir={data_dir!r} holds no {dataset} data; put one of {expected} '
                   'there (from https://www.cs.toronto.edu/~kriz/cifar.html), '
                   'or use --config.data_source=synthetic')
 
 
-def _read_tar_members(path: str, folder: str, names: list[str]) -> list[tuple[str, bytes]]:
+def _read_tar_members(path, folder: str, names: list[str]) -> list[tuple[str, bytes]]:
   wanted = {f'{folder}/{n}': n for n in names}
   found = {}
   try:
-    with tarfile.open(path, 'r:*') as tar:
+    with path.open('rb') as f, tarfile.open(fileobj=f, mode='r:*') as tar:
       for member in tar:
         name = member.name
         if name.startswith(('/', '\\')) or '..' in name.replace('\\', '/').split('/'):
@@ -218,8 +218,40 @@ def _network_reachable(host='storage.googleapis.com', port=443, timeout=3.0) -> 
     pool.shutdown(wait=False)
 
 
+def _stage_tfds(dataset: str, split: str, data_dir: str, local_dir: str) -> None:
+  """Copies the prepared `dataset` (its newest version: metadata and `split`'s shards)
+  from the object store `data_dir` into `local_dir`, in the same layout.
+
+  tf.data would read gs:// through TensorFlow's own GCS client, which has its own
+  credentials and endpoints (no emulator, no private endpoint). CIFAR splits are read
+  whole into memory anyway, so a copy costs the same bytes.
+  """
+  root = storage.path(data_dir) / dataset
+  versions = sorted((v for v in (root.iterdir() if root.is_dir() else [])
+                     if (v / 'dataset_info.json').exists()),
+                    key=lambda v: tuple(int(x) if x.isdigit() else -1 for x in v.name.split('.')))
+  if not versions:
+    raise FileNotFoundError(f'no prepared {dataset} in {root}')
+  source = versions[-1]
+  names = [c.name for c in source.iterdir()
+           if '.tfrecord' not in c.name or c.name.startswith(f'{dataset}-{split}.tfrecord')]
+  storage.copy_files(source, os.path.join(local_dir, dataset, source.name), sorted(names))
+
+
 def from_tfds(dataset: str, split: str, data_dir: str) -> Split:
-  """`tfds.load` from `data_dir` (TFDS's default when empty); downloads only when online."""
+  """`tfds.load` from `data_dir` (TFDS's default when empty: TFDS_DATA_DIR or
+  ~/tensorflow_datasets); downloads only when online. A gs:// data_dir is staged into a
+  temporary local directory first (`_stage_tfds`)."""
+  data_dir = data_dir or os.environ.get('TFDS_DATA_DIR', '')
+  if storage.is_remote(data_dir):
+    with tempfile.TemporaryDirectory(prefix='cifar_jax_tfds_') as local:
+      try:
+        _stage_tfds(dataset, split, data_dir, local)
+      except FileNotFoundError as e:
+        raise UserError(f'{e}; prepare it there once from a machine with network: python -c '
+                        f'"import tensorflow_datasets as tfds; tfds.builder(\'{dataset}\', '
+                        f'data_dir=\'{data_dir}\').download_and_prepare()"') from None
+      return from_tfds(dataset, split, local)
   import_tensorflow()  # Before TFDS imports it: hides accelerators from TensorFlow.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   kwargs = dict(split=split, data_dir=data_dir or None, as_supervised=True)

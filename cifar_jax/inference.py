@@ -5,7 +5,8 @@
 - `serving_function(state, dataset)`: uint8 images [N, 32, 32, 3] -> float32
   logits, normalization inside, eval mode, the EMA weights when the run kept them.
   The one function that predict, the jax.export artifact and the ONNX model run.
-- `read_images(inputs)`: files, folders and globs of PNG/JPEG of any size.
+- `read_images(inputs)`: files, folders and globs of PNG/JPEG of any size, local or
+  gs:// (`storage`).
 - `predict(...)`: batched and padded like eval (one compile for any count).
 - `export_bundle(...)`: a serving bundle (`jax.export` artifact, weights for the
   ONNX conversion in `onnx_export.py`, labels.json, README.txt).
@@ -15,6 +16,7 @@ No TensorFlow; Pillow decodes the images.
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 
@@ -24,7 +26,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from cifar_jax import device_pipeline, models
+from cifar_jax import device_pipeline, models, storage
 from cifar_jax.data_sources import CLASS_NAMES, NUM_CLASSES
 from cifar_jax.errors import UserError
 
@@ -39,11 +41,11 @@ CHECKPOINTS = ('best', 'latest')
 def run_config(workdir: str):
   """The config a run was trained with (`workdir/config.json`), as a ConfigDict."""
   import ml_collections  # pylint: disable=import-outside-toplevel
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = storage.path(workdir) / 'config.json'
+  text = storage.read_text(path)
+  if text is None:
     raise UserError(f'{path} does not exist; point --workdir at a training run')
-  with open(path, encoding='utf-8') as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(text))
   for field in ('model_widths', 'mesh_shape'):  # JSON lists back to the tuples they were.
     if field in config:
       config[field] = tuple(config[field])
@@ -60,13 +62,12 @@ def load_run(workdir: str, checkpoint: str = 'best'):
   config = run_config(workdir)
   if checkpoint not in CHECKPOINTS and not str(checkpoint).isdigit():
     raise UserError(f'--checkpoint={checkpoint!r} must be best, latest or a step number')
-  best = os.path.join(os.path.abspath(workdir), 'best_checkpoint')
-  use_best = checkpoint == 'best' and os.path.isdir(best) and any(
-      name.isdigit() for name in os.listdir(best))
+  best = checkpointing.best_dir(workdir)
+  use_best = checkpoint == 'best' and storage.has_step_dirs(best)
   if checkpoint == 'best' and not use_best:
     logging.warning('%s has no best checkpoint (no eval yet); using the latest one.', workdir)
   directory = best if use_best else checkpointing.checkpoints_dir(workdir)
-  if not os.path.isdir(directory):
+  if not directory.exists():
     raise UserError(f'{directory} does not exist; train first, or point --workdir at a run')
   manager = checkpointing.open_read_only(workdir, directory=directory)
   template = step_lib.create_train_state(config, jax.random.key(config.seed))
@@ -110,9 +111,19 @@ def serving_function(model: nnx.Module, dataset: str):
 
 # --- images ----------------------------------------------------------------------------
 def expand_inputs(inputs: list[str]) -> list[str]:
-  """Files, folders (their image files, sorted, not recursive) and globs -> file paths."""
+  """Files, folders (their files, sorted, not recursive) and globs -> file paths. gs://
+  ones too (a glob there: in the last path component only)."""
   paths = []
   for item in inputs:
+    if storage.is_remote(item):
+      p = storage.path(item)
+      if glob.has_magic(p.name):
+        paths += sorted(str(c) for c in p.parent.glob(p.name) if c.is_file())
+      elif p.is_dir():
+        paths += sorted(str(c) for c in p.iterdir() if c.is_file())
+      else:
+        paths.append(item)
+      continue
     item = os.path.expanduser(item)
     if os.path.isdir(item):
       paths += sorted(os.path.join(item, n) for n in os.listdir(item)
@@ -150,7 +161,8 @@ def read_images(paths: list[str]) -> tuple[list[str], np.ndarray, list[str]]:
   good, images, warnings = [], [], []
   for path in paths:
     try:
-      with Image.open(path) as image:
+      source = io.BytesIO(storage.path(path).read_bytes()) if storage.is_remote(path) else path
+      with Image.open(source) as image:
         image.load()
         images.append(to_cifar_size(image))
       good.append(path)
@@ -217,7 +229,7 @@ def export_bundle(config, state, export_dir: str, source: str,
                   platforms: tuple[str, ...] = EXPORT_PLATFORMS) -> dict:
   """Writes the serving bundle (all but model.onnx: see onnx_export.py) into `export_dir`,
   `model.jax` lowered for `platforms`. Returns {'platforms': [...], 'files': [...]}."""
-  os.makedirs(export_dir, exist_ok=True)
+  storage.makedirs(export_dir)
   model = serving_model(config, state)
   fn = jax.jit(serving_function(model, config.dataset))
   batch = jax.export.symbolic_shape('batch')[0]
@@ -235,7 +247,6 @@ def export_bundle(config, state, export_dir: str, source: str,
   _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   arrays = {jax.tree_util.keystr(p): np.asarray(x) for p, x in
             jax.tree_util.tree_leaves_with_path({'params': params, 'batch_stats': batch_stats})}
-  import io  # pylint: disable=import-outside-toplevel
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
   files['weights.npz'] = buffer.getvalue()
@@ -247,7 +258,5 @@ def export_bundle(config, state, export_dir: str, source: str,
       model=config.model, dataset=config.dataset, source=source, classes=len(names),
       platforms=', '.join(exported.platforms)).encode()
   for name, data in files.items():
-    with open(os.path.join(export_dir, name + '.tmp'), 'wb') as f:
-      f.write(data)
-    os.replace(os.path.join(export_dir, name + '.tmp'), os.path.join(export_dir, name))
+    storage.write_whole(storage.path(export_dir) / name, data)
   return {'platforms': list(exported.platforms), 'files': sorted(files)}

@@ -1,12 +1,15 @@
 """Metric writers: console, TensorBoard events and `metrics.jsonl`; a progress line.
 
 `metrics.jsonl` holds one JSON object per line, {"step": N, "<metric>": value,
-...}, so runs can be compared with nothing but the standard library.
+...}, so runs can be compared with nothing but the standard library. Each record
+is there exactly once, however often the run was preempted, killed and resumed:
+it reads as if the run had never been interrupted.
 
 TensorBoard events are written with the `tensorboard` package's protos, not
 clu's writers, tf.summary or `tensorboard.summary.Writer`: all of them import
 TensorFlow, which a training run must not need (GPU images commonly ship JAX
-without it) nor pay for when it is installed.
+without it) nor pay for when it is installed; and they write through
+TensorFlow's file system, not `storage` (gs:// workdirs).
 """
 from __future__ import annotations
 
@@ -17,54 +20,128 @@ import time
 
 from absl import logging
 
+from cifar_jax import storage
+
+METRICS = 'metrics.jsonl'
+
+
+def record_kind(record: dict) -> str:
+  """'train', 'eval' or 'confusion': a step has at most one record of each kind."""
+  if 'confusion_matrix' in record:
+    return 'confusion'
+  return 'eval' if any(k.startswith('eval_') for k in record) else 'train'
+
+
+def read_records(workdir) -> list[dict] | None:
+  """The records of `workdir/metrics.jsonl` (None if there is none). A line that does not
+  parse (a write cut by a crash) is skipped with a warning."""
+  text = storage.read_text(storage.path(workdir) / METRICS)
+  if text is None:
+    return None
+  records = []
+  for number, line in enumerate(text.splitlines(), 1):
+    if line.strip():
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        logging.warning('%s line %d is not JSON (cut by a crash?); skipped.', METRICS, number)
+  return records
+
 
 class JsonlWriter:
-  """Appends scalars to `<workdir>/metrics.jsonl`, one line per write."""
+  """`<workdir>/metrics.jsonl`, each (step, kind) record exactly once.
 
-  def __init__(self, path: str):
-    self._file = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+  A launch that resumes from the checkpoint of step S re-runs the steps after S,
+  so it first drops the records after S that an earlier launch logged before it
+  died (`resume_step`): they would otherwise appear twice. A record of the same
+  step and kind as one already there (a finished run resumed at its last step
+  evaluates again) replaces it. Records are durable at each flush: the training
+  loop flushes before every checkpoint, so no record up to a checkpoint's step can
+  be lost (storage.GrowingFile: appended locally; rewritten whole on gs://).
+  """
+
+  def __init__(self, path, resume_step: int = 0):
+    self._path = storage.path(path)
+    records = read_records(self._path.parent) or []
+    kept = [r for r in records if r.get('step', 0) <= resume_step]
+    if len(kept) < len(records):
+      logging.info('%s: dropped %d records after step %d (re-run from its checkpoint).',
+                   self._path, len(records) - len(kept), resume_step)
+    self._lines = []  # JSON lines, in order.
+    self._index = {}  # (step, kind) -> position in _lines.
+    for r in kept:
+      self._index[(r.get('step', 0), record_kind(r))] = len(self._lines)
+      self._lines.append(json.dumps(r))
+    self._file = storage.GrowingFile(self._path, self._content())
+
+  def _content(self) -> bytes:
+    return ''.join(line + '\n' for line in self._lines).encode('utf-8')
+
+  def _add(self, record: dict):
+    key, line = (record['step'], record_kind(record)), json.dumps(record)
+    if key in self._index:
+      self._lines[self._index[key]] = line
+      self._file.rewrite(self._content())
+      return
+    self._index[key] = len(self._lines)
+    self._lines.append(line)
+    self._file.write((line + '\n').encode('utf-8'))
+    self._file.flush()
 
   def write_scalars(self, step: int, scalars: dict):
-    record = {'step': int(step)}
-    record.update({k: float(v) for k, v in scalars.items()})
-    self._file.write(json.dumps(record) + '\n')
-    self._file.flush()
+    self._add({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
 
   def write_json(self, step: int, record: dict):
     """A record of any JSON values (e.g. a confusion matrix), as one line."""
-    self._file.write(json.dumps({'step': int(step), **record}) + '\n')
-    self._file.flush()
+    self._add({'step': int(step), **record})
 
   def write_image(self, step: int, tag: str, png: bytes):
     pass
 
   def flush(self):
-    self._file.flush()
+    self._file.flush(force=True)
 
   def close(self):
     self._file.close()
 
 
 class TensorBoardWriter:
-  """Scalars as a TensorBoard event file in `logdir` (`tensorboard --logdir=...`).
+  """Scalars and images as TensorBoard event files in `logdir` (`tensorboard --logdir=...`).
 
   Event protos in TFRecord framing, written with the `tensorboard` package's
-  protos and record writer to a plain file. Not `tensorboard.summary.Writer`:
-  it opens files through `tf.io.gfile`, which imports TensorFlow whenever it
-  is installed.
+  protos and record writer through `storage.GrowingFile` (local or gs://). Not
+  `tensorboard.summary.Writer`: it opens files through `tf.io.gfile`, which
+  imports TensorFlow whenever it is installed, and reaches gs:// through
+  TensorFlow's own GCS client.
+
+  Each launch starts a new file with a SessionLog START event at `start_step` + 1:
+  TensorBoard then discards the events of earlier launches from that step on
+  (steps re-run after a resume), so every step shows once. On an object store a
+  file is rewritten whole at each flush, so a new file is started after
+  `roll_bytes`.
   """
 
-  def __init__(self, logdir: str):
+  def __init__(self, logdir, start_step: int = 0, roll_bytes: int = 4 << 20):
     # pylint: disable=g-import-not-at-top
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer.record_writer import RecordWriter
-    self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    self._event_pb2, self._summary_pb2, self._record_writer = event_pb2, summary_pb2, RecordWriter
+    self._logdir, self._roll_bytes = storage.path(logdir), roll_bytes
+    self._open()
+    self._write(event_pb2.Event(wall_time=time.time(), step=int(start_step) + 1,
+                                session_log=event_pb2.SessionLog(
+                                    status=event_pb2.SessionLog.START)))
+
+  def _open(self):
     name = f'events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}'
-    self._file = open(os.path.join(logdir, name), 'ab')  # pylint: disable=consider-using-with
-    self._records = RecordWriter(self._file)
-    self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
+    self._file = storage.GrowingFile(self._logdir / name)
+    self._records = self._record_writer(self._file)
+    self._write(self._event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
 
   def _write(self, event):
+    if storage.is_remote(self._logdir) and len(self._file) > self._roll_bytes:
+      self._file.close()
+      self._open()
     self._records.write(event.SerializeToString())
 
   def write_scalars(self, step: int, scalars: dict):
@@ -94,7 +171,7 @@ class TensorBoardWriter:
     self._file.flush()
 
   def flush(self):
-    self._file.flush()
+    self._file.flush(force=True)
 
   def close(self):
     self._file.close()
@@ -144,13 +221,17 @@ class MultiWriter:
       w.close()
 
 
-def create_writer(workdir: str, is_main_process: bool = True) -> MultiWriter:
-  """Console everywhere; TensorBoard and metrics.jsonl from the main process only."""
+def create_writer(workdir, is_main_process: bool = True, start_step: int = 0) -> MultiWriter:
+  """Console everywhere; TensorBoard and metrics.jsonl from the main process only.
+
+  `start_step`: the step this launch resumes from; what earlier launches logged
+  after it is dropped (metrics.jsonl) or hidden (TensorBoard), since it is re-run.
+  """
   if not is_main_process:
     return MultiWriter([LoggingWriter()])
-  writers = [LoggingWriter(), JsonlWriter(os.path.join(workdir, 'metrics.jsonl'))]
+  writers = [LoggingWriter(), JsonlWriter(storage.path(workdir) / METRICS, start_step)]
   try:
-    writers.append(TensorBoardWriter(workdir))
+    writers.append(TensorBoardWriter(workdir, start_step))
   except ImportError as e:
     logging.warning('No TensorBoard events (%s); pip install tensorboard to get them.', e)
   return MultiWriter(writers)

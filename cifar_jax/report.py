@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import numpy as np
 
+from cifar_jax import storage
 from cifar_jax.data_sources import CLASS_NAMES
 from cifar_jax.errors import UserError
 
@@ -71,21 +71,23 @@ def confusion_png(confusion: np.ndarray, names, step: int) -> bytes:
   return buffer.getvalue()
 
 
-def _records(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    raise UserError(f'{path} does not exist; point --workdir at a training run')
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+def _records(workdir) -> list[dict]:
+  from cifar_jax import metric_logging  # pylint: disable=import-outside-toplevel
+  records = metric_logging.read_records(workdir)
+  if records is None:
+    raise UserError(f'{storage.path(workdir) / metric_logging.METRICS} does not exist; point '
+                    '--workdir at a training run')
+  return records
 
 
 def _last_by_step(records: list[dict], key: str) -> list[dict]:
-  """The records with `key`, the last one per step (a resumed run logs re-run steps again)."""
+  """The records with `key`, the last one per step (logs written before each record was
+  kept exactly once could hold re-run steps twice)."""
   by_step = {r['step']: r for r in records if key in r}
   return [by_step[s] for s in sorted(by_step)]
 
 
-def write_report(workdir: str) -> str:
+def write_report(workdir) -> str:
   """Draws `workdir/report.png` from its metrics.jsonl; returns the path."""
   records = _records(workdir)
   train = _last_by_step(records, 'train_loss')
@@ -94,10 +96,9 @@ def write_report(workdir: str) -> str:
   if not train and not evals:
     raise UserError(f'{workdir}/metrics.jsonl has no train or eval records yet')
   dataset = 'cifar10'
-  config_path = os.path.join(workdir, 'config.json')
-  if os.path.exists(config_path):
-    with open(config_path, encoding='utf-8') as f:
-      dataset = json.load(f).get('dataset', dataset)
+  saved_config = storage.read_text(storage.path(workdir) / 'config.json')
+  if saved_config is not None:
+    dataset = json.loads(saved_config).get('dataset', dataset)
   # Epoch of any step, from the train records' own epoch/step ratio.
   per_step = train[-1]['epoch'] / train[-1]['step'] if train and train[-1].get('epoch') else None
   epoch = lambda rs: [r['step'] * per_step if per_step else r['step'] for r in rs]
@@ -151,8 +152,9 @@ def write_report(workdir: str) -> str:
     for ax in (conf_ax, bar_ax):
       ax.axis('off')
     conf_ax.text(0.5, 0.5, 'no final eval yet', ha='center', va='center')
-  fig.suptitle(f'{os.path.abspath(workdir)}: {dataset}', fontsize=12)
-  path = os.path.join(workdir, REPORT)
-  fig.savefig(path + '.tmp.png')
-  os.replace(path + '.tmp.png', path)
-  return path
+  fig.suptitle(f'{storage.path(workdir)}: {dataset}', fontsize=12)
+  path = storage.path(workdir) / REPORT
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png')
+  storage.write_whole(path, buffer.getvalue())
+  return str(path)

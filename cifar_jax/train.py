@@ -5,10 +5,12 @@ TensorFlow with `input_pipeline=device` and the archive or synthetic source.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import signal
+import tempfile
 import time
 
 import jax
@@ -18,11 +20,12 @@ from absl import logging
 
 from cifar_jax import (checkpointing, compilation_cache, config_checks, data_sources,
                        device_pipeline, dispatch, metric_logging, optimizers, parallel,
-                       preemption, report as report_lib, step as step_lib)
+                       preemption, report as report_lib, step as step_lib, storage)
 from cifar_jax.errors import UserError
 
-# Test-only fault injection, e.g. CIFAR_JAX_TEST_FAULT=nan@5 (NaN images at step 5) or
-# kill_in_save@4 (SIGKILL this process right after the save of step 4 has started).
+# Test-only fault injection, e.g. CIFAR_JAX_TEST_FAULT=nan@5 (NaN images at step 5),
+# kill_in_save@4 (SIGKILL this process right after the save of step 4 has started) or
+# sigterm@6 (SIGTERM to itself once step 6 is done, as a preemption notice would).
 _FAULT = os.environ.get('CIFAR_JAX_TEST_FAULT', '')
 
 
@@ -121,6 +124,20 @@ def _write_confusion(writer, step: int, confusion: np.ndarray, dataset: str,
     logging.warning('No confusion matrix image (%s); pip install matplotlib.', e)
 
 
+@contextlib.contextmanager
+def _profile_dir(workdir, profiling: bool):
+  """Where the profiler writes: WORKDIR/plugins/profile's parent. The profiler writes
+  local files only, so a trace for a gs:// workdir goes to a temporary directory and is
+  uploaded at the end of the loop."""
+  if not profiling or not storage.is_remote(workdir):
+    yield str(workdir)
+    return
+  with tempfile.TemporaryDirectory(prefix='cifar_jax_profile_') as local:
+    yield local
+    count = storage.upload_tree(local, workdir)
+    logging.info('Uploaded the profile (%d files) to %s/plugins/profile.', count, workdir)
+
+
 def _write_report(workdir: str) -> None:
   """report.png at the end of a run; a plotting problem never fails the run."""
   try:
@@ -143,13 +160,13 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   devices = jax.devices()
   config_checks.validate(config, len(devices), jax.process_count())
   is_main = jax.process_index() == 0
-  config_path = os.path.join(workdir, 'config.json')
-  if os.path.exists(config_path):
-    with open(config_path, encoding='utf-8') as f:
-      changed = config_checks.check_resume(json.load(f), config, allow_config_change)
+  config_path = storage.path(workdir) / 'config.json'
+  saved_config = storage.read_text(config_path)
+  if saved_config is not None:
+    changed = config_checks.check_resume(json.loads(saved_config), config, allow_config_change)
     if changed:
       logging.warning('Resuming with changed config fields: %s', ', '.join(changed))
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   cache = compilation_cache.configure(config.compilation_cache_dir)
   logging.info('JAX %s: %d devices (%s) in %d process(es), backend %s, mesh %s, sharding %s, '
                '%s input pipeline, %d steps per dispatch, compilation cache %s', jax.__version__,
@@ -192,11 +209,11 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   state = backend.put_state(state)
 
   # --- logging ---
-  writer = metric_logging.create_writer(workdir, is_main)
-  if is_main:
-    with open(config_path + '.tmp', 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=2) + '\n')
-    os.replace(config_path + '.tmp', config_path)  # Atomic: other processes may be reading it.
+  # Records after start_step (logged by a launch that died before checkpointing them) go:
+  # those steps run again.
+  writer = metric_logging.create_writer(workdir, is_main, start_step)
+  if is_main:  # Written whole (other processes may be reading it).
+    storage.write_whole(config_path, config.to_json_best_effort(indent=2) + '\n')
     logging.info('%d train / %d test examples; %d steps/epoch, %d steps in all.', num_train,
                  len(test_data.labels), steps_per_epoch, total_steps)
   report = metric_logging.ProgressReporter(start_step, total_steps)
@@ -212,6 +229,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   def save_checkpoint():
     nonlocal last_saved
     check_finite()  # Never save a state that went NaN.
+    writer.flush()  # Every record up to `step` is durable before its checkpoint can be.
     checkpointing.save(manager, backend.get_state(state), step)
     last_saved = step
     if _fault('kill_in_save', step):
@@ -233,14 +251,14 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   summed_steps, t_log = 0, time.perf_counter()
   step = start_step
   tracing = False  # Inside the profiler window.
-  with preemption.PreemptionGuard() as guard:
+  with preemption.PreemptionGuard() as guard, _profile_dir(workdir, bool(profile)) as profile_dir:
     try:
       for dispatch_index, n in enumerate(sizes):
         feed = next(feeds)  # (The host pipeline's start-up is not compile time.)
         if profile and step == profile[0]:
           jax.block_until_ready(carry)
           tracing = True
-          jax.profiler.start_trace(workdir)  # -> WORKDIR/plugins/profile/<time>/*.xplane.pb
+          jax.profiler.start_trace(profile_dir)  # -> plugins/profile/<time>/*.xplane.pb
           logging.info('Profiling steps %d..%d into %s/plugins/profile.', step + 1, profile[1],
                        workdir)
         t_dispatch = time.perf_counter()
@@ -259,6 +277,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         step += n
         summed_steps += n
         report(step)
+        if _fault('sigterm', step):
+          os.kill(os.getpid(), signal.SIGTERM)
         if step % config.log_every_steps == 0 or step == total_steps:
           check_finite()
           sums = backend.to_host(carry['sums'])  # Syncs here only.
@@ -316,7 +336,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   devices = jax.devices()
   config_checks.validate(config, len(devices), jax.process_count())
   directory = checkpointing.checkpoints_dir(workdir)
-  if not os.path.isdir(directory):
+  if not directory.exists():
     raise UserError(f'{directory} does not exist; train first, or point --workdir at a run')
   compilation_cache.configure(config.compilation_cache_dir)
   test_data = data_sources.load(config, 'test')
