@@ -5,6 +5,9 @@ import sys
 import jax
 
 jax.config.update('jax_num_cpu_devices', 8)
+# As main.py does: gs:// through gcsfs, not TensorFlow's client (etils caches the choice at
+# its first path, so before any).
+os.environ.setdefault('EPATH_USE_TF', 'false')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -27,3 +30,24 @@ def small_config():
   config.ema_decay = 0.9
   config.label_smoothing = 0.1
   return config
+
+
+@pytest.fixture(scope='session')
+def gcs_server():
+  """fake-gcs-server on 127.0.0.1 for the whole session (tests/gcs_emulator.py)."""
+  import gcs_emulator  # pylint: disable=import-outside-toplevel
+  emulator = gcs_emulator.Emulator(gcs_emulator.temporary_dir())
+  yield emulator
+  emulator.stop()
+
+
+@pytest.fixture
+def gcs(gcs_server):
+  """The emulator, with its environment set in this process for the test; fails the test
+  if anything tried to reach a non-loopback address (here or in a subprocess)."""
+  import gcs_emulator  # pylint: disable=import-outside-toplevel
+  previous = gcs_emulator.apply_env(gcs_server.env)
+  before = len(gcs_server.non_loopback_connections())
+  yield gcs_server
+  gcs_emulator.restore_env(previous)
+  assert gcs_server.non_loopback_connections()[before:] == []
