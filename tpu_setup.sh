@@ -7,7 +7,7 @@
 #   ./tpu_setup.sh create  --name my-tpu --zone us-central2-b --accelerator-type v4-16
 #   ./tpu_setup.sh install --name my-tpu --zone us-central2-b
 #   ./tpu_setup.sh train   --name my-tpu --zone us-central2-b -- \
-#       --config=configs/tpu.py --workdir=/mnt/shared/cifar10 --config.data_dir=gs://BUCKET/tfds
+#       --config=configs/tpu.py --workdir=gs://BUCKET/runs/cifar10 --config.data_dir=gs://BUCKET/tfds
 #   ./tpu_setup.sh logs    --name my-tpu --zone us-central2-b [--worker 1] [--follow]
 #   ./tpu_setup.sh stop    --name my-tpu --zone us-central2-b   # SIGTERM: checkpoint, then exit
 #   ./tpu_setup.sh delete  --name my-tpu --zone us-central2-b

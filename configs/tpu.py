@@ -1,11 +1,11 @@
 """Cloud TPU VM: Wide ResNet 28-10 on CIFAR-10 in bfloat16 over all TPU cores.
 
 COMMAND (on a single-host TPU VM, TFDS data prepared in TFDS_DATA_DIR or a gs:// bucket):
-  python main.py --config=configs/tpu.py --workdir=/tmp/cifar10_wrn \
+  python main.py --config=configs/tpu.py --workdir=gs://<bucket>/runs/cifar10_wrn \
       --config.data_dir=gs://<bucket>/tensorflow_datasets
-On a pod slice (every worker runs it; workdir on storage shared by the workers):
+On a pod slice (every worker runs it; a gs:// workdir is shared by the workers):
   ./tpu_setup.sh train --name <tpu> --zone <zone> -- --config=configs/tpu.py \
-      --workdir=/mnt/shared/cifar10_wrn --config.data_dir=gs://<bucket>/tensorflow_datasets
+      --workdir=gs://<bucket>/runs/cifar10_wrn --config.data_dir=gs://<bucket>/tensorflow_datasets
 EXPECTED: not yet measured on a TPU by this project. WRN-28-10 with this 100-epoch
   cosine recipe, label smoothing and EMA typically reaches ~96% top-1 on the original
   CIFAR-10. Whoever runs it first: put the measured accuracy, runtime and TPU type here.
