@@ -180,3 +180,32 @@ def test_local_paths_are_made_absolute_and_gs_kept():
   assert str(storage.path('~/x')) == os.path.expanduser('~/x')
   assert storage.path('rel').is_absolute()
   assert json.loads(json.dumps(str(storage.path('gs://b/run') / 'c'))) == 'gs://b/run/c'
+
+
+def test_a_gs_checkpoint_without_its_commit_file_is_not_resumed_from(gcs):
+  """Orbax's GCS protocol decides what is complete: a step directory whose
+  commit_success.txt is missing (a save cut short) is not listed, so the restore takes
+  the previous step, and nothing is deleted."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from cifar_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  from cifar_jax.step import TrainState  # pylint: disable=import-outside-toplevel
+  workdir = f'gs://{gcs.create_bucket("commits")}/run'
+  manager = checkpointing.create_manager(workdir)
+  state = TrainState(step=jnp.asarray(0), params={'w': jnp.zeros(4)}, batch_stats={},
+                     opt_state={'m': jnp.zeros(4)}, ema_params=None, graphdef=None, tx=None,
+                     learning_rate_fn=None)
+  for step in (1, 2):
+    checkpointing.save(manager, state.replace(step=jnp.asarray(step),
+                                              params={'w': jnp.full(4, float(step))}), step)
+    manager.wait_until_finished()
+  manager.close()
+  step_2 = checkpointing.checkpoints_dir(workdir) / '2'
+  assert (step_2 / 'commit_success.txt').exists()
+  (step_2 / 'commit_success.txt').unlink()
+  reader = checkpointing.open_read_only(workdir)
+  assert reader.all_steps() == [1]
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  restored = checkpointing.restore(reader, state, device)
+  assert int(restored.step) == 1 and float(restored.params['w'][0]) == 1.0
+  assert (step_2 / 'default').exists()  # Left alone.
