@@ -3,7 +3,10 @@
 Every workdir and data path goes through `etils.epath`, the path type Orbax itself
 uses. A local path behaves as it always did. A `gs://bucket/...` path is read and
 written by gcsfs and google-cloud-storage (Orbax's arrays by TensorStore), not by
-TensorFlow's own GCS client: main.py sets `EPATH_USE_TF=false` unless you set it.
+TensorFlow's own GCS client: main.py sets `EPATH_USE_TF=false` unless you set it
+(code that imports cifar_jax without main.py sets it itself, before its first path:
+etils caches the choice; otherwise, with TensorFlow installed, gs:// goes through
+TensorFlow, which works on GCS but cannot be pointed at an emulator).
 That gives one set of credentials, no TensorFlow import in a loop that does not need
 it, and one place to point every byte at an emulator or a private endpoint
 (`STORAGE_EMULATOR_HOST`, `TENSORSTORE_GCS_HTTP_URL`).
