@@ -49,7 +49,7 @@ def read_records(workdir) -> list[dict] | None:
 
 
 class JsonlWriter:
-  """`<workdir>/metrics.jsonl`, each (step, kind) record exactly once.
+  """`workdir/metrics.jsonl`, each (step, kind) record exactly once.
 
   A launch that resumes from the checkpoint of step S re-runs the steps after S,
   so it first drops the records after S that an earlier launch logged before it
@@ -60,9 +60,9 @@ class JsonlWriter:
   be lost (storage.GrowingFile: appended locally; rewritten whole on gs://).
   """
 
-  def __init__(self, path, resume_step: int = 0):
-    self._path = storage.path(path)
-    records = read_records(self._path.parent) or []
+  def __init__(self, workdir, resume_step: int = 0):
+    self._path = storage.path(workdir) / METRICS
+    records = read_records(workdir) or []
     kept = [r for r in records if r.get('step', 0) <= resume_step]
     if len(kept) < len(records):
       logging.info('%s: dropped %d records after step %d (re-run from its checkpoint).',
@@ -126,7 +126,9 @@ class TensorBoardWriter:
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer.record_writer import RecordWriter
     self._event_pb2, self._summary_pb2, self._record_writer = event_pb2, summary_pb2, RecordWriter
-    self._logdir, self._roll_bytes = storage.path(logdir), roll_bytes
+    self._logdir = storage.path(logdir)
+    # Rolled over only on object stores, where each flush rewrites the whole file.
+    self._roll_bytes = roll_bytes if storage.is_remote(self._logdir) else None
     self._open()
     self._write(event_pb2.Event(wall_time=time.time(), step=int(start_step) + 1,
                                 session_log=event_pb2.SessionLog(
@@ -139,7 +141,7 @@ class TensorBoardWriter:
     self._write(self._event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
 
   def _write(self, event):
-    if storage.is_remote(self._logdir) and len(self._file) > self._roll_bytes:
+    if self._roll_bytes is not None and len(self._file) > self._roll_bytes:
       self._file.close()
       self._open()
     self._records.write(event.SerializeToString())
@@ -229,7 +231,7 @@ def create_writer(workdir, is_main_process: bool = True, start_step: int = 0) ->
   """
   if not is_main_process:
     return MultiWriter([LoggingWriter()])
-  writers = [LoggingWriter(), JsonlWriter(storage.path(workdir) / METRICS, start_step)]
+  writers = [LoggingWriter(), JsonlWriter(workdir, start_step)]
   try:
     writers.append(TensorBoardWriter(workdir, start_step))
   except ImportError as e:

@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 
-from cifar_jax import storage
+from cifar_jax import metric_logging, storage
 from cifar_jax.data_sources import CLASS_NAMES
 from cifar_jax.errors import UserError
 
@@ -72,7 +72,6 @@ def confusion_png(confusion: np.ndarray, names, step: int) -> bytes:
 
 
 def _records(workdir) -> list[dict]:
-  from cifar_jax import metric_logging  # pylint: disable=import-outside-toplevel
   records = metric_logging.read_records(workdir)
   if records is None:
     raise UserError(f'{storage.path(workdir) / metric_logging.METRICS} does not exist; point '

@@ -271,12 +271,13 @@ def eval_step(state: TrainState, batch: dict, axis_name: str | None = None,
   mask = batch.get('mask', jnp.ones(labels.shape, jnp.float32)).astype(jnp.float32)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  predicted = jnp.argmax(logits, -1)
   sums = {
       'loss_sum': jnp.sum(loss * mask),
-      'correct': jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+      'correct': jnp.sum((predicted == labels) * mask),
       'correct_top5': jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
       'count': jnp.sum(mask),
       'confusion': (jax.nn.one_hot(labels, logits.shape[-1]) * mask[:, None]).T
-                   @ jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1]),
+                   @ jax.nn.one_hot(predicted, logits.shape[-1]),
   }
   return sums if axis_name is None else jax.lax.psum(sums, axis_name)

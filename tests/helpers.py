@@ -1,5 +1,4 @@
 """Shared by the tests that run main.py in subprocesses."""
-import json
 import os
 import socket
 import tempfile
@@ -46,15 +45,15 @@ def checkpoint_arrays(directory: str) -> dict:
 
 
 def metrics_records(workdir: str) -> list[dict]:
-  """The records of `workdir/metrics.jsonl`."""
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    return [json.loads(line) for line in f]
+  """The records of `workdir/metrics.jsonl` (metric_logging's own reader)."""
+  from cifar_jax import metric_logging  # pylint: disable=import-outside-toplevel
+  records = metric_logging.read_records(workdir)
+  assert records is not None, f'{workdir} has no metrics.jsonl'
+  return records
 
 
 def logged_steps(workdir: str) -> list[int]:
   """Steps with train metrics so far, for polling a live run (no file yet, or a line being
   written, reads as what is complete)."""
-  try:
-    return [r['step'] for r in metrics_records(workdir) if 'train_loss' in r]
-  except (FileNotFoundError, json.JSONDecodeError):
-    return []
+  from cifar_jax import metric_logging  # pylint: disable=import-outside-toplevel
+  return [r['step'] for r in metric_logging.read_records(workdir) or [] if 'train_loss' in r]
