@@ -20,10 +20,11 @@ import tempfile
 # not TensorFlow's GCS client, unless the environment says otherwise. Before epath is used.
 os.environ.setdefault('EPATH_USE_TF', 'false')
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cifar_jax import distributed, storage, train, xla_cpu
+from cifar_jax import config_checks, distributed, storage, train, xla_cpu
 from cifar_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -87,12 +88,15 @@ def main(argv):
       result = {'report': report.write_report(FLAGS.workdir)}
     elif FLAGS.config is None:
       raise UserError(f'--mode={FLAGS.mode} needs --config, e.g. --config=configs/gpu.py')
-    elif FLAGS.mode == 'eval':
-      logging.info('Config:\n%s', FLAGS.config)
-      result = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
     else:
       logging.info('Config:\n%s', FLAGS.config)
-      result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
+      warning = config_checks.platform_warning(FLAGS.config, jax.default_backend())
+      if warning:
+        print(f'warning: {warning}', file=sys.stderr, flush=True)
+      if FLAGS.mode == 'eval':
+        result = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+      else:
+        result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -4,7 +4,11 @@ Each problem raises `UserError` with one line naming the field and the fix.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
+
+import jax
 
 from cifar_jax import data_sources, models, optimizers, parallel, step, storage
 from cifar_jax.errors import UserError
@@ -14,6 +18,13 @@ PAD_MODES = ('zeros', 'reflect')
 FLIPS = ('random', 'alternating', 'none')
 TTA_LEVELS = (0, 1, 2)
 REMATS = ('none', 'block')
+# config.platform: where a config is meant to run ('' = anywhere; 'accelerator' = GPU or TPU).
+PLATFORMS = ('', 'gpu', 'tpu', 'accelerator')
+_INSTALL = {
+    'gpu': 'pip install -r requirements.txt -e ".[cuda12]" (".[cuda13]" with a CUDA 13 driver)',
+    'tpu': 'pip install -r requirements.txt -e ".[tpu]" (or ./tpu_setup.sh install)',
+}
+_PLUGINS = {'gpu': ('jax-cuda12-plugin', 'jax-cuda13-plugin'), 'tpu': ('libtpu',)}
 
 
 def _choice(config, field, choices):
@@ -46,6 +57,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
   _choice(config, 'tta', TTA_LEVELS)
   _choice(config, 'sharding', parallel.SHARDINGS)
   _choice(config, 'remat', REMATS)
+  _choice(config, 'platform', PLATFORMS)
   if config.remat == 'block' and config.model in models.NO_BLOCK_MODELS:
     raise UserError(f'config.remat=block but model {config.model} has no blocks to '
                     'rematerialize; use --config.remat=none')
@@ -127,6 +139,36 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
                     f'than batch_size={config.batch_size}; raise it or set it to 0')
 
 
+def _installed(distribution: str) -> bool:
+  try:
+    importlib.metadata.version(distribution)
+    return True
+  except importlib.metadata.PackageNotFoundError:
+    return False
+
+
+def platform_warning(config, found: str, installed=_installed) -> str | None:
+  """One line when `config.platform` asks for a GPU or TPU and JAX's backend is `found`
+  instead (a GPU config on a CPU-only jaxlib would otherwise train on the CPU without a word);
+  None when the platform is the intended one."""
+  wanted = str(config.get('platform') or '')
+  targets = ('gpu', 'tpu') if wanted == 'accelerator' else (wanted,) if wanted else ()
+  if not targets or found in targets or not set(targets) <= set(_INSTALL):  # validate() says.
+    return None
+  what = ' or '.join(t.upper() for t in targets)
+  plugins = [p for t in targets for p in _PLUGINS[t] if installed(p)]
+  if plugins:
+    why = (f'{", ".join(plugins)} is installed, but its devices did not start (JAX logged why '
+           'above: driver, CUDA_VISIBLE_DEVICES, or another process holding them)')
+  else:
+    why = 'install JAX for it: ' + '; or '.join(_INSTALL[t] for t in targets)
+  chosen = os.environ.get('JAX_PLATFORMS', '')
+  chosen = f' (JAX_PLATFORMS={chosen})' if chosen else ''
+  return (f'config.platform={wanted} wants a {what}, but JAX {jax.__version__} runs on '
+          f'{found}{chosen}, so this trains on {found}; {why}. '
+          f"--config.platform='' silences this")
+
+
 def profile_window(config) -> tuple[int, int] | None:
   """`config.profile_steps` "A:B" as (A, B): trace the steps after A up to B; None if off."""
   text = str(config.get('profile_steps', '') or '').strip()
@@ -170,7 +212,7 @@ RESUME_SAFE_FIELDS = frozenset({
     'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'checkpoint_max_to_keep',
     'checkpoint_step', 'num_epochs', 'num_train_steps', 'data_dir', 'eval_batch_size',
     'parallelism', 'steps_per_dispatch', 'compilation_cache_dir', 'tta', 'tta_every_eval',
-    'mesh_shape', 'sharding', 'remat', 'profile_steps', 'report',
+    'mesh_shape', 'sharding', 'remat', 'profile_steps', 'report', 'platform',
 })
 
 

@@ -40,6 +40,7 @@ from configs import airbench
 
 def get_config():
   config = airbench.get_config()
+  config.platform = ''              # airbench.py's recipe, meant for the CPU here.
   config.half_precision = False     # bfloat16 is slower than float32 on this CPU.
   config.batch_size = 512
   config.num_epochs = 8.0

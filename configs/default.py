@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.remat = 'none'              # none | block (recompute each block's activations in the backward pass: less memory, same numbers).
   config.micro_batches = 1           # Gradient accumulation inside the step: batch_size is split into this many micro-batches.
   config.steps_per_dispatch = 1      # Train steps per compiled call (same results for any value).
+  config.platform = ''               # Meant for: '' anywhere | gpu | tpu | accelerator (gpu or tpu); on another, one warning line.
   config.compilation_cache_dir = '~/.cache/cifar_jax'  # JAX's persistent compilation cache ('' = off).
   # --- optimization ---
   config.optimizer = 'sgd'           # sgd | adamw | lars.

@@ -25,6 +25,7 @@ def get_config():
   config.cutout = 16
   config.ema_decay = 0.9995
   config.half_precision = True
+  config.platform = 'tpu'
   config.parallelism = 'jit'
   config.input_pipeline = 'device'  # Data and augmentation on the TPU cores: no host work per step.
   config.steps_per_dispatch = 50    # One compiled call per 50 steps (cut at log/eval/checkpoint).

@@ -4,6 +4,14 @@ from cifar_jax import config_checks
 from cifar_jax.errors import UserError
 
 
+@pytest.fixture
+def small_config(small_config):
+  """Validation alone needs no TensorFlow: the device pipeline (the host pipeline's
+  TensorFlow check is tested end to end in test_main.py)."""
+  small_config.input_pipeline = 'device'
+  return small_config
+
+
 @pytest.mark.parametrize('field, value, message', [
     ('model', 'resnet21', r'config.model=.resnet21. is unknown.*resnet20'),
     ('dataset', 'mnist', r'config.dataset=.mnist. is unknown.*cifar10'),
@@ -26,6 +34,7 @@ from cifar_jax.errors import UserError
     ('model_widths', (32, 0), r'config.model_widths=\(32, 0\) must be positive integers'),
     ('lookahead_decay', 1.0, r'config.lookahead_decay=1.0 must be in \[0, 1\)'),
     ('bn_bias_lr_multiplier', -1.0, r'config.bn_bias_lr_multiplier=-1.0 must be a number >= 0'),
+    ('platform', 'cuda', r'config.platform=.cuda. is unknown.*accelerator'),
 ])
 def test_bad_values_name_the_field_and_the_fix(small_config, field, value, message):
   small_config[field] = value
@@ -70,6 +79,7 @@ def test_good_config_passes(small_config):
   config_checks.validate(small_config, num_devices=1)
 
 
+@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_shipped_configs_are_valid():
   from configs import airbench, cpu, default, gpu, tpu
   for module in (default, cpu, gpu, tpu, airbench):
@@ -123,3 +133,40 @@ def test_model_axis_must_stay_within_a_host(small_config):
 def test_a_batch_that_divides_the_data_axis_only_is_fine_under_a_model_axis(small_config):
   small_config.update(mesh_shape=(4, 2), sharding='fsdp_tensor', batch_size=36)
   config_checks.validate(small_config, num_devices=8)
+
+
+@pytest.mark.parametrize('platform, found, plugins, expected', [
+    ('', 'cpu', (), None),
+    ('gpu', 'gpu', (), None),
+    ('tpu', 'tpu', (), None),
+    ('accelerator', 'gpu', (), None),
+    ('accelerator', 'tpu', (), None),
+    ('gpu', 'cpu', (), ['wants a GPU', 'runs on cpu', 'so this trains on cpu',
+                        'pip install -r requirements.txt -e ".[cuda12]"', '".[cuda13]"']),
+    ('gpu', 'cpu', ('jax-cuda13-plugin',), ['wants a GPU', 'jax-cuda13-plugin is installed, but '
+                                            'its devices did not start']),
+    ('tpu', 'cpu', (), ['wants a TPU', 'pip install -r requirements.txt -e ".[tpu]"',
+                        './tpu_setup.sh install']),
+    ('tpu', 'gpu', ('libtpu',), ['wants a TPU', 'runs on gpu', 'libtpu is installed']),
+    ('accelerator', 'cpu', (), ['wants a GPU or TPU', '".[cuda12]"', '".[tpu]"']),
+])
+def test_a_gpu_or_tpu_config_on_another_platform_gets_one_warning(small_config, monkeypatch,
+                                                                  platform, found, plugins,
+                                                                  expected):
+  monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+  small_config.platform = platform
+  warning = config_checks.platform_warning(small_config, found, installed=plugins.__contains__)
+  if expected is None:
+    assert warning is None
+  else:
+    assert warning.startswith(f'config.platform={platform} ') and '\n' not in warning
+    for part in expected:
+      assert part in warning, warning
+    assert warning.endswith("--config.platform='' silences this")
+
+
+def test_the_platform_warning_names_a_chosen_jax_platforms(small_config, monkeypatch):
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  small_config.platform = 'gpu'
+  assert 'runs on cpu (JAX_PLATFORMS=cpu)' in config_checks.platform_warning(
+      small_config, 'cpu', installed=lambda _: False)
