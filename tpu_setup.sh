@@ -5,7 +5,7 @@
 # (cifar_jax/distributed.py), on coordinator port 8476 (see README).
 #
 #   ./tpu_setup.sh create  --name my-tpu --zone us-central2-b --accelerator-type v4-16
-#   ./tpu_setup.sh install --name my-tpu --zone us-central2-b
+#   ./tpu_setup.sh install --name my-tpu --zone us-central2-b   # Python 3.12 venv, jax[tpu]
 #   ./tpu_setup.sh train   --name my-tpu --zone us-central2-b -- \
 #       --config=configs/tpu.py --workdir=gs://BUCKET/runs/cifar10 --config.data_dir=gs://BUCKET/tfds
 #   ./tpu_setup.sh logs    --name my-tpu --zone us-central2-b [--worker 1] [--follow]
@@ -23,6 +23,7 @@ usage: tpu_setup.sh [--dry-run] COMMAND [options] [-- main.py flags]
 commands:
   create    create the TPU VM (slice)
   install   copy this checkout (or --repo URL) to every worker and install it with TPU jax
+            into a Python 3.12 virtual environment (~/cifar_jax_venv, made with uv)
   train     start main.py on every worker in the background; flags after -- go to main.py
   logs      show a worker's training log (--worker N, default 0; --follow to keep reading)
   status    the TPU's state, and whether main.py runs on each worker
@@ -34,7 +35,9 @@ options (defaults in brackets; environment variables in parentheses):
   --zone ZONE               zone [us-central2-b] (TPU_ZONE)
   --project PROJECT         GCP project [gcloud's default] (TPU_PROJECT)
   --accelerator-type TYPE   create: e.g. v4-8, v4-16, v5litepod-16 [v4-8]
-  --version RUNTIME         create: TPU software version [tpu-ubuntu2204-base]
+  --version RUNTIME         create: TPU software version [from the accelerator type:
+                            v6e: v2-alpha-tpuv6e, v5p: v2-alpha-tpuv5,
+                            v5litepod/v5e: v2-alpha-tpuv5-lite, v2/v3/v4: tpu-ubuntu2204-base]
   --spot | --preemptible    create: spot / preemptible capacity
   --reserved                create: use reserved capacity
   --repo URL                install: git clone URL on the workers instead of copying this checkout
@@ -59,7 +62,7 @@ NAME="${TPU_NAME:-cifar-jax}"
 ZONE="${TPU_ZONE:-us-central2-b}"
 PROJECT="${TPU_PROJECT:-}"
 ACCELERATOR="v4-8"
-RUNTIME="tpu-ubuntu2204-base"
+RUNTIME=""
 CAPACITY=""
 RESERVED=0
 REPO=""
@@ -70,6 +73,9 @@ WORKER="0"
 FOLLOW=0
 MAIN_ARGS=()
 REMOTE_DIR="cifar_jax"
+VENV="cifar_jax_venv"         # In each worker's home; kept across installs.
+# shellcheck disable=SC2088  # The tilde is for the worker's shell to expand.
+PYTHON="~/$VENV/bin/python"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 
 need_value() {
@@ -114,7 +120,7 @@ check --name "$NAME" '^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$'
 check --zone "$ZONE" '^[a-z]+-[a-z]+[0-9]+-[a-z]$'
 [[ -z "$PROJECT" ]] || check --project "$PROJECT" '^[a-z][-a-z0-9.:]{4,61}[a-z0-9]$'
 check --accelerator-type "$ACCELERATOR" '^[a-z0-9]+-[0-9]+$'
-check --version "$RUNTIME" '^[a-zA-Z0-9._-]+$'
+[[ -z "$RUNTIME" ]] || check --version "$RUNTIME" '^[a-zA-Z0-9._-]+$'
 check --coordinator-port "$PORT" '^[0-9]{2,5}$'
 check --worker "$WORKER" '^(all|[0-9]+)$'
 check --log "$LOG" '^[A-Za-z0-9._-]+$'
@@ -148,9 +154,33 @@ on_workers() {  # on_workers WORKER REMOTE_COMMAND
   run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker="$1" --command="$2"
 }
 
+# The TPU software version Google documents for JAX on each generation (all Ubuntu 22.04).
+runtime_for() {  # runtime_for ACCELERATOR_TYPE
+  case "$1" in
+    v6e-*) echo "v2-alpha-tpuv6e" ;;
+    v5p-*) echo "v2-alpha-tpuv5" ;;
+    v5litepod-*|v5e-*) echo "v2-alpha-tpuv5-lite" ;;
+    v2-*|v3-*|v4-*) echo "tpu-ubuntu2204-base" ;;
+    *) die "no TPU software version known for --accelerator-type $1; pass --version RUNTIME" ;;
+  esac
+}
+
+# The worker's install, whatever Python the image has: uv (pip-installed for the user, or
+# its installer) makes a Python 3.12 virtual environment, fetching a managed CPython when
+# the image has none, then installs the pinned requirements, jax[tpu] and the project.
+worker_install() {  # worker_install JAX_VERSION
+  local uv='command -v uv >/dev/null || python3 -m pip install -q --user uv'
+  uv+=' || curl -LsSf https://astral.sh/uv/install.sh | sh'
+  echo "export PATH=\"\$HOME/.local/bin:\$PATH\" && { $uv; }" \
+    "&& uv venv -q --allow-existing --python 3.12 ~/$VENV" \
+    "&& cd $REMOTE_DIR && uv pip install -q --python $PYTHON -r requirements.txt" \
+    "$(quote "jax[tpu]==$1") -e ."
+}
+
 # --- commands --------------------------------------------------------------------
 case "$COMMAND" in
   create)
+    [[ -n "$RUNTIME" ]] || RUNTIME=$(runtime_for "$ACCELERATOR")
     args=(create "$NAME" "${WHERE[@]}" --accelerator-type="$ACCELERATOR" --version="$RUNTIME")
     [[ -z "$CAPACITY" ]] || args+=("$CAPACITY")
     [[ "$RESERVED" == 0 ]] || args+=(--reserved)
@@ -161,8 +191,7 @@ case "$COMMAND" in
     # requirements.txt pins jax/jaxlib; jax[tpu] at the same version adds the matching libtpu.
     jax_version=$(sed -n 's/^jax==\([0-9.]*\).*/\1/p' "$HERE/requirements.txt")
     [[ -n "$jax_version" ]] || die "no jax==VERSION pin in requirements.txt"
-    setup="cd $REMOTE_DIR && python3 -m pip install -q -r requirements.txt"
-    setup+=" && python3 -m pip install -q $(quote "jax[tpu]==$jax_version") && python3 -m pip install -q -e ."
+    setup=$(worker_install "$jax_version")
     if [[ -n "$REPO" ]]; then
       check --repo "$REPO" '^(https://|git@)[A-Za-z0-9._:/@~-]+$'
       on_workers all "rm -rf $REMOTE_DIR && git clone -q $(quote "$REPO") $REMOTE_DIR && $setup"
@@ -180,7 +209,7 @@ case "$COMMAND" in
     env_vars="JAX_COORDINATOR_PORT=$PORT"
     [[ -z "$TFDS_DIR" ]] || env_vars+=" TFDS_DATA_DIR=$(quote "$TFDS_DIR")"
     # nohup + setsid: training outlives the ssh session; each worker logs to its own file.
-    on_workers all "cd $REMOTE_DIR && $env_vars setsid nohup python3 main.py $(quote "${MAIN_ARGS[@]}") > ~/$LOG 2>&1 < /dev/null &"
+    on_workers all "[ -x $PYTHON ] || { echo 'no ~/$VENV on this worker: run tpu_setup.sh install first' >&2; exit 1; }; cd $REMOTE_DIR && $env_vars setsid nohup $PYTHON main.py $(quote "${MAIN_ARGS[@]}") > ~/$LOG 2>&1 < /dev/null &"
     ;;
 
   logs)
@@ -190,11 +219,11 @@ case "$COMMAND" in
 
   status)
     run "${TPU[@]}" describe "$NAME" "${WHERE[@]}" --format="value(state,health,acceleratorType)"
-    on_workers all "pgrep -af '[p]ython3 main.py' || echo 'main.py is not running'"
+    on_workers all "pgrep -af '[c]ifar_jax_venv/bin/python main.py' || echo 'main.py is not running'"
     ;;
 
   stop)
-    on_workers all "pkill -TERM -f '[p]ython3 main.py' || echo 'main.py was not running'"
+    on_workers all "pkill -TERM -f '[c]ifar_jax_venv/bin/python main.py' || echo 'main.py was not running'"
     ;;
 
   delete)
