@@ -3,6 +3,7 @@
   pip install torch   # not a dependency of cifar_jax
   python benchmarks/vs_pytorch.py                                  # configs/cpu.py's model
   python benchmarks/vs_pytorch.py --model=fast_cnn --batch_size=128
+  python benchmarks/vs_pytorch.py --torch_python=OTHER_VENV/bin/python   # torch elsewhere
 
 Rows, each the bare train step (one fixed batch, no input pipeline, float32, one
 device) timed in its own child process, one after the other:
@@ -14,6 +15,8 @@ Our step carries what the config trains with (parameter groups, Lookahead); the
 PyTorch one is plain SGD with Nesterov momentum, the cheaper of the two.
 """
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -25,14 +28,14 @@ sys.path.insert(0, ROOT)
 from cifar_jax import xla_cpu  # pylint: disable=wrong-import-position
 
 
-def child(cmd, keep_xla_defaults=False):
+def child(cmd, keep_xla_defaults=False, python=sys.executable):
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', xla_cpu.OPT_OUT)}
   env['JAX_PLATFORMS'] = 'cpu'
   if keep_xla_defaults:
     env[xla_cpu.OPT_OUT] = '1'
-  out = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True,
+  out = subprocess.run([python, *cmd], env=env, capture_output=True, text=True,
                        check=True, cwd=ROOT)
-  return json.loads(out.stdout.strip().splitlines()[-1])['images_per_sec']
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -42,9 +45,10 @@ def main():
   parser.add_argument('--widths', default='', help='e.g. 64,128,128 (empty: the config\'s).')
   parser.add_argument('--batch_size', type=int, default=0, help='0: the config\'s.')
   parser.add_argument('--steps', type=int, default=12)
+  parser.add_argument('--torch_python', default=sys.executable,
+                      help='A Python with PyTorch (default: this one).')
   args = parser.parse_args()
   sys.path.insert(0, ROOT)
-  import importlib.util  # pylint: disable=import-outside-toplevel
   spec = importlib.util.spec_from_file_location('config', os.path.join(ROOT, args.config))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -63,13 +67,15 @@ def main():
   rows = {
       'ours, YNNPACK convolutions (before)': child(ours, keep_xla_defaults=True),
       'ours, XLA convolutions (after)': child(ours),
-      'PyTorch NCHW': child(torch_),
-      'PyTorch channels_last': child(torch_ + ['--channels_last']),
+      'PyTorch NCHW': child(torch_, python=args.torch_python),
+      'PyTorch channels_last': child(torch_ + ['--channels_last'], python=args.torch_python),
   }
-  reference = rows['PyTorch channels_last']
+  reference = rows['PyTorch channels_last']['images_per_sec']
   print(f'{model} widths ({widths or "default"}), batch {batch}, bare train step, float32, '
-        f'{os.cpu_count()} CPUs')
-  for name, rate in rows.items():
+        f'{os.cpu_count()} CPUs; JAX {importlib.metadata.version("jaxlib")}, PyTorch '
+        f'{rows["PyTorch NCHW"]["torch"]}')
+  for name, row in rows.items():
+    rate = row['images_per_sec']
     print(f'  {name:38s} {rate:8.1f} images/sec   {rate / reference:5.2f}x channels_last')
 
 
