@@ -147,6 +147,7 @@ def test_synthetic_is_deterministic_and_shaped_like_cifar():
   assert len(data_sources.synthetic('cifar10', 'test').labels) == 10_000
 
 
+@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_tfds_source_through_mock_data():
   import tensorflow_datasets as tfds
   with tfds.testing.mock_data(num_examples=12):
@@ -155,6 +156,7 @@ def test_tfds_source_through_mock_data():
   assert split.labels.shape == (12,) and split.labels.dtype == np.int32
 
 
+@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_tfds_without_data_or_network_fails_fast_with_the_alternatives(tmp_path, monkeypatch):
   monkeypatch.setattr(data_sources, '_network_reachable', lambda *a, **k: False)
   with pytest.raises(UserError, match='data_source=archive'):

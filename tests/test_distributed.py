@@ -102,6 +102,7 @@ def reference(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_two_processes_train_like_one_and_only_process_0_writes(reference, tmp_path):
   workdir = str(tmp_path / 'w')
   assert run_two(workdir, '--config.parallelism=jit') == [0, 0], log(workdir, 0)[-3000:]
@@ -114,6 +115,7 @@ def test_two_processes_train_like_one_and_only_process_0_writes(reference, tmp_p
   assert os.path.exists(os.path.join(workdir, 'config.json'))
 
 
+@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_two_processes_with_fsdp_tensor_on_a_4x2_mesh_train_like_one_replicated(reference,
                                                                                 tmp_path):
   # Each process holds two 'data' rows of the mesh, each row a 'model' pair of its own
@@ -150,6 +152,7 @@ def interrupt_one_host(workdir, victim, sig, *extra, steps=STEPS):
   return stopped[0]
 
 
+@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_sigterm_on_one_host_stops_all_at_one_step_and_resumes_in_one_process(reference,
                                                                              tmp_path):
   workdir = str(tmp_path / 'w')

@@ -23,6 +23,7 @@ def _batches(data, config, start, end, **kw):
   return list(input_pipeline.train_batches(data, config, start, end, **kw))
 
 
+@pytest.mark.tensorflow  # tf.data
 def test_resume_at_any_step_gives_the_same_batches(small_config, data):
   small_config.batch_size = 16
   full = _batches(data, small_config, 0, 10)
@@ -32,6 +33,7 @@ def test_resume_at_any_step_gives_the_same_batches(small_config, data):
     np.testing.assert_array_equal(a['label'], b['label'])
 
 
+@pytest.mark.tensorflow  # tf.data
 def test_process_slices_make_up_the_global_batch(small_config, data):
   small_config.batch_size = 16
   small_config.cutout = 6
@@ -52,6 +54,7 @@ def _source_index(batch):
   return np.array([np.round(r[..., 0][m]).astype(int)[0] for r, m in zip(raw, real)])
 
 
+@pytest.mark.tensorflow  # tf.data
 def test_each_epoch_is_a_permutation_and_epochs_differ(small_config, data):
   small_config.batch_size = 10  # 7 steps per epoch over 70 examples.
   batches = _batches(data, small_config, 0, 14)
@@ -63,6 +66,7 @@ def test_each_epoch_is_a_permutation_and_epochs_differ(small_config, data):
   np.testing.assert_array_equal(labels, epoch0 % 10)
 
 
+@pytest.mark.tensorflow  # tf.data
 def test_augmentation_crops_and_flips_vary_and_depend_on_the_seed(small_config):
   data = synthetic('cifar10', 'train', num_examples=64)
   small_config.batch_size = 64
@@ -75,6 +79,7 @@ def test_augmentation_crops_and_flips_vary_and_depend_on_the_seed(small_config):
   assert np.abs(a).max() < 10
 
 
+@pytest.mark.tensorflow  # tf.data
 def test_cutout_zeroes_a_square(small_config, data):
   small_config.batch_size = 10
   small_config.cutout = 8
@@ -108,6 +113,7 @@ def test_no_tensorflow_is_imported_until_the_host_pipeline_is_used(tmp_path):
                  cwd=__import__('os').path.dirname(__import__('os').path.dirname(__file__)))
 
 
+@pytest.mark.tensorflow  # tf.data
 def test_host_alternating_flip_and_reflection_match_the_device_pipeline_semantics(small_config):
   # Pixel (r, c) of example i holds (i, r + 1, c + 1), so flips and offsets can be read back.
   n = 96
@@ -132,6 +138,7 @@ def test_host_alternating_flip_and_reflection_match_the_device_pipeline_semantic
   assert all(flipped[i] == [first[i], not first[i], first[i]] for i in range(n))
 
 
+@pytest.mark.tensorflow  # tf.data
 def test_default_fields_keep_the_host_batches_of_earlier_versions():
   # Checksums of batches made by commit 5c74c3d (before the crop/flip fields existed).
   n = 96

@@ -28,6 +28,7 @@ def first_run(tmp_path_factory):
   return workdir, result
 
 
+@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_run_leaves_metrics_events_config_and_checkpoint(first_run):
   workdir, _ = first_run
   files = os.listdir(workdir)
@@ -44,6 +45,7 @@ def test_run_leaves_metrics_events_config_and_checkpoint(first_run):
   assert all(r['eval_count'] == 102 for r in evals)
 
 
+@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_command_line_overrides_reach_config_json(first_run):
   workdir, _ = first_run
   with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
@@ -52,6 +54,7 @@ def test_command_line_overrides_reach_config_json(first_run):
   assert config['model'] == 'fast_cnn' and config['num_train_steps'] == 6
 
 
+@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_rerun_resumes_and_continues_the_step_count(first_run, tmp_path):
   workdir, _ = first_run
   result = run_main(workdir, *TINY, '--config.num_train_steps=10', '--config.parallelism=shard_map')
@@ -70,7 +73,8 @@ def test_rerun_resumes_and_continues_the_step_count(first_run, tmp_path):
      'error: config.data_dir=\'/nonexistent/cifar\' does not exist'),
 ])
 def test_bad_config_exits_with_one_error_line_before_compiling(tmp_path, overrides, message):
-  result = run_main(str(tmp_path / 'w'), *TINY, '--config.num_train_steps=2', *overrides, timeout=120)
+  result = run_main(str(tmp_path / 'w'), *TINY, '--config.num_train_steps=2',
+                    '--config.input_pipeline=device', *overrides, timeout=120)
   assert result.returncode != 0
   error_lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
   assert len(error_lines) == 1 and error_lines[0].startswith(message), result.stderr[-2000:]
@@ -125,3 +129,26 @@ def test_trains_without_tensorflow_and_writes_tensorboard_events(tmp_path):
   assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
   assert 'input_pipeline=host needs TensorFlow' in errors[0]
   assert '--config.input_pipeline=device' in errors[0]
+
+
+def test_a_gpu_config_on_a_cpu_says_so_in_one_warning_line(tmp_path):
+  """configs/gpu.py where JAX finds no GPU: one warning line, before the first compile, then it
+  trains on the CPU as asked (tiny, synthetic)."""
+  env = subprocess_env(devices=1)
+  result = subprocess.run(
+      [sys.executable, 'main.py', '--config=configs/gpu.py', f'--workdir={tmp_path / "w"}',
+       '--config.model=fast_cnn', '--config.data_source=synthetic',
+       '--config.num_synthetic_examples=64', '--config.batch_size=16',
+       '--config.eval_batch_size=16', '--config.num_train_steps=2', '--config.report=False',
+       '--config.ema_decay=0', CACHE_FLAG],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stderr.splitlines()
+  warnings = [i for i, l in enumerate(lines) if l.startswith('warning:')]
+  assert len(warnings) == 1, result.stderr[-3000:]
+  warning = lines[warnings[0]]
+  assert warning.startswith('warning: config.platform=gpu wants a GPU, but JAX ') and \
+      'runs on cpu (JAX_PLATFORMS=cpu)' in warning
+  first_compile = next(i for i, l in enumerate(lines) if 'First step (compile included)' in l)
+  assert warnings[0] < first_compile
+  assert [r['step'] for r in metrics_records(str(tmp_path / 'w')) if 'train_loss' in r] == [2]

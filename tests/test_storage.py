@@ -131,6 +131,7 @@ def test_archive_data_from_gs_equals_local(gcs, tmp_path):
     np.testing.assert_array_equal(got.labels, truth[split][1])
 
 
+@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_tfds_data_from_gs_equals_local(gcs, tmp_path, monkeypatch):
   """A tiny TFDS-prepared cifar10 (the builder's examples replaced: no download), read
   from a bucket through storage (staged), equals reading it locally."""
