@@ -69,8 +69,8 @@ def test_steps_per_dispatch_and_the_cache_may_change_on_resume(small_config):
   small_config.compilation_cache_dir = '/elsewhere'
   assert config_checks.check_resume(saved, small_config) == ['compilation_cache_dir',
                                                              'steps_per_dispatch']
-  small_config.input_pipeline = 'device'  # Other random numbers: another trajectory.
-  with pytest.raises(UserError, match="input_pipeline 'host' -> 'device'"):
+  small_config.input_pipeline = 'host'  # Other random numbers: another trajectory.
+  with pytest.raises(UserError, match="input_pipeline 'device' -> 'host'"):
     config_checks.check_resume(saved, small_config)
 
 

@@ -53,16 +53,14 @@ def test_1_and_k_steps_per_call_are_bit_identical_on_one_device(setup):
     many = _train(backend, config, [feed] * 2, 'device', [1, 6])
     assert int(one[0].step) == int(many[0].step) == 7 and one[1]['first_bad'] == -1
     _assert_identical(one, many)  # Params, BN statistics, optimizer state, EMA, metric sums.
-    runs[loop] = one
-  # The loop body computes what the plain step computes. XLA may compile a loop differently
-  # (float sums in another order), and 7 steps of BatchNorm amplify that: per array, to
-  # 1e-2 of its norm (elementwise it reached 4% of small entries with jaxlib 0.11.2).
+    runs[loop] = _train(backend, config, [feed], 'device', [1])
+  # The loop body computes what the plain step computes: compared after one step, since XLA
+  # compiles a loop body differently (float sums in another order) and 7 steps of BatchNorm
+  # at 4 images per step amplify that to ~1% (jaxlib 0.12, XLA's own CPU convolutions).
   for x, y in zip(jax.tree.leaves(runs[True]), jax.tree.leaves(runs[False]), strict=True):
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    assert np.linalg.norm(x - y) <= 1e-2 * np.linalg.norm(y) + 1e-6
+    np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_host_blocks_of_16_give_the_step_by_step_result(setup):
   from cifar_jax import train
   config, data = setup
