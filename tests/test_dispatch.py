@@ -61,6 +61,7 @@ def test_1_and_k_steps_per_call_are_bit_identical_on_one_device(setup):
     np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_host_blocks_of_16_give_the_step_by_step_result(setup):
   from cifar_jax import train
   config, data = setup
