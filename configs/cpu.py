@@ -3,17 +3,14 @@
 COMMAND (offline, from the official archive or its extracted folder):
   python main.py --config=configs/cpu.py --workdir=/tmp/cifar10_cpu \
       --config.data_dir=/path/to/folder/with/cifar-10-binary.tar.gz
-EXPECTED (measured 2026-11-24 on the 2-core CPU dev machine, 1 XLA CPU device, JAX 0.10.2,
-  XLA's own CPU convolutions (cifar_jax/xla_cpu.py), on the JPEG-75 copy of CIFAR-10 in
-  shared/data, whose accuracies run a little below the original):
+EXPECTED (measured 2026-11-24 on a 2-core CPU, 1 XLA CPU device, JAX 0.10.2, XLA's own CPU
+  convolutions (cifar_jax/xla_cpu.py), on a JPEG-75 re-encoded copy of CIFAR-10, whose
+  accuracies run a little below the original):
   90.24% test accuracy (10,000 images, TTA 2; 89.31% without TTA) after 8 epochs / 776
   steps, 25.3 minutes wall time for the whole command (data load, compile, 8 evals included);
   ~285 images/sec.
   Test accuracy after each epoch (no TTA; TTA 2 at the end):
   69.6 / 77.0 / 77.6 / 81.1 / 84.9 / 86.2 / 88.4 / 90.24% (epochs 1-8).
-  An earlier run of the same config (before Lookahead became a lerp, with the test suite
-  running beside it for ~3 minutes): 67.8 / 76.1 / 78.6 / 81.8 / 85.5 / 86.7 / 88.3 / 89.99%
-  (TTA) in 27.3 minutes.
 JAX 0.12.0.1 (measured 2026-12-01, same machine kind and command): epochs 1-2 gave 68.55% and
   76.82% (the same as above) at 124 and 141 images/sec: XLA:CPU 0.12 runs this network at
   about half of JAX 0.10.2's speed, so 8 epochs take ~50 minutes (the run was stopped after
