@@ -239,6 +239,7 @@ def test_nan_stops_with_an_error_and_keeps_the_last_good_checkpoint(reference, t
   assert_same(arrays(workdir, 4), arrays(reference, 4))
 
 
+@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_eval_mode_reports_the_checkpoint_and_changes_nothing(reference):
   before = {os.path.join(r, f): os.stat(os.path.join(r, f)).st_mtime_ns
             for r, _, fs in os.walk(reference) for f in fs}
