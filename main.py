@@ -6,15 +6,9 @@ with the same workdir resumes from its latest checkpoint. With a trained
 --export_dir=...` writes a serving bundle (jax.export and ONNX) and `--mode=report`
 draws the run's plots; these read the run's own config.json (no --config).
 """
-import contextlib
-import csv
-import io
-import json
 import logging as pylogging
 import os
-import subprocess
 import sys
-import tempfile
 
 # Workdir and data I/O on gs:// through gcsfs / google-cloud-storage (cifar_jax/storage.py),
 # not TensorFlow's GCS client, unless the environment says otherwise. Before epath is used.
@@ -24,7 +18,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cifar_jax import config_checks, distributed, storage, train, xla_cpu
+from cifar_jax import config_checks, train
+from cifar_jax.runtime import distributed, xla_cpu
 from cifar_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -79,10 +74,13 @@ def main(argv):
         FLAGS.distributed_timeout_s, FLAGS.heartbeat_timeout_s)
     logging.info('%s', distributed.describe())
     if FLAGS.mode == 'predict':
-      predict()
+      from cifar_jax.serving import predict  # pylint: disable=import-outside-toplevel
+      predict.predict_files(FLAGS.workdir, FLAGS.inputs, FLAGS.checkpoint, FLAGS.output)
       return
     if FLAGS.mode == 'export':
-      result = export()
+      from cifar_jax.serving import export  # pylint: disable=import-outside-toplevel
+      result = export.export_run(FLAGS.workdir, FLAGS.export_dir, FLAGS.checkpoint,
+                                 FLAGS.onnx_python)
     elif FLAGS.mode == 'report':
       from cifar_jax import report  # pylint: disable=import-outside-toplevel
       result = {'report': report.write_report(FLAGS.workdir)}
@@ -103,86 +101,6 @@ def main(argv):
   logging.info('Result: %s', result)
   print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                  for k, v in sorted(result.items())))
-
-
-def predict():
-  """One JSON line per readable image on stdout (or a CSV in --output); a warning line on
-  stderr per unreadable one."""
-  from cifar_jax import inference  # pylint: disable=import-outside-toplevel
-  paths = inference.expand_inputs(FLAGS.inputs)
-  if not paths:
-    raise UserError('--inputs names no files; pass image files, folders or globs, e.g. '
-                    '--inputs=photos/ or --inputs="photos/*.jpg"')
-  good, images, warnings = inference.read_images(paths)
-  for line in warnings:
-    print(line, file=sys.stderr)
-  if not good:
-    raise UserError(f'none of the {len(paths)} inputs is a readable PNG/JPEG image')
-  config, state, _, source = inference.load_run(FLAGS.workdir, FLAGS.checkpoint)
-  logging.info('Predicting %d images with %s.', len(good), source)
-  fn = inference.serving_function(inference.serving_model(config, state), config.dataset)
-  top5 = inference.top_k(inference.predict(fn, images, config.eval_batch_size),
-                         inference.class_names(config.dataset))
-  if FLAGS.output:
-    text = io.StringIO(newline='')
-    writer = csv.writer(text)
-    k = len(top5[0])
-    writer.writerow(['file'] + [f'{c}{r}' for r in range(1, k + 1)
-                                for c in ('label', 'index', 'probability')])
-    for path, row in zip(good, top5):
-      writer.writerow([path] + [v for p in row for v in (p['label'], p['index'],
-                                                            p['probability'])])
-    storage.write_whole(FLAGS.output, text.getvalue())
-    logging.info('Wrote %s (%d rows).', FLAGS.output, len(good))
-  else:
-    for path, row in zip(good, top5):
-      print(json.dumps({'file': path, 'top5': row}))
-  sys.stdout.flush()
-
-
-def _onnx_python() -> str | None:
-  if FLAGS.onnx_python:
-    return FLAGS.onnx_python
-  try:
-    import jax2onnx  # pylint: disable=import-outside-toplevel,unused-import
-    return sys.executable
-  except ImportError:
-    return None
-
-
-def export() -> dict:
-  """The serving bundle: model.jax, model.onnx (when an ONNX environment is there), labels."""
-  from cifar_jax import inference  # pylint: disable=import-outside-toplevel
-  if not FLAGS.export_dir:
-    raise UserError('--mode=export needs --export_dir=DIR (the bundle to write)')
-  config, state, _, source = inference.load_run(FLAGS.workdir, FLAGS.checkpoint)
-  remote = storage.is_remote(FLAGS.export_dir)  # Built locally, then uploaded file by file.
-  with (tempfile.TemporaryDirectory(prefix='cifar_jax_bundle_') if remote else
-        contextlib.nullcontext(FLAGS.export_dir)) as bundle:
-    result = inference.export_bundle(config, state, bundle, source)
-    onnx = _convert_to_onnx(bundle)
-    if remote:
-      storage.copy_files(bundle, FLAGS.export_dir)
-  return {'export_dir': FLAGS.export_dir, 'onnx': onnx, 'platforms': result['platforms']}
-
-
-def _convert_to_onnx(bundle: str) -> str:
-  """model.onnx in the local `bundle`, converted in the ONNX environment; 'skipped' without
-  one."""
-  python = _onnx_python()
-  if python is None:
-    logging.warning('No model.onnx: jax2onnx is not installed here. Make an environment with '
-                    '`pip install -r requirements-onnx.txt` and pass --onnx_python=ITS_PYTHON.')
-    return 'skipped'
-  root = os.path.dirname(os.path.abspath(__file__))
-  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''),
-             JAX_PLATFORMS='cpu')
-  done = subprocess.run([python, '-m', 'cifar_jax.onnx_export', bundle], env=env,
-                        capture_output=True, text=True, check=False)
-  if done.returncode:
-    raise UserError(f'the ONNX conversion failed ({python}): '
-                    f'{(done.stderr.strip().splitlines() or ["no output"])[-1]}')
-  return 'model.onnx'
 
 
 if __name__ == '__main__':

@@ -16,7 +16,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cifar_jax import xla_cpu  # pylint: disable=wrong-import-position
+from cifar_jax.runtime import xla_cpu  # pylint: disable=wrong-import-position
 
 
 def bare_step(args, xla_flags, keep_defaults):

@@ -31,8 +31,9 @@ import numpy as np  # pylint: disable=wrong-import-position
 from absl import app, flags  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
-from cifar_jax import (compilation_cache, data_sources, dispatch, parallel,  # pylint: disable=wrong-import-position
-                       step as step_lib, train, xla_cpu)
+from cifar_jax import dispatch, parallel, step as step_lib, train  # pylint: disable=wrong-import-position
+from cifar_jax.data import sources as data_sources  # pylint: disable=wrong-import-position
+from cifar_jax.runtime import compilation_cache, xla_cpu  # pylint: disable=wrong-import-position
 
 config_flags.DEFINE_config_file('config', None, 'Training config to measure.', lock_config=False)
 flags.DEFINE_integer('steps', 40, 'Timed steps for each measurement.')
@@ -88,7 +89,7 @@ def input_capacity(config, pipeline, num_batches):
   backend = parallel.Backend(config.parallelism)
   data = data_sources.load(config, 'train')
   if pipeline == 'host':
-    from cifar_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+    from cifar_jax.data import host_pipeline as input_pipeline  # pylint: disable=import-outside-toplevel
     batches = backend.prefetch(input_pipeline.train_batches(data, config, 0, num_batches + 3))
     jax.block_until_ready(next(batches))  # tf.data start-up.
     t = time.perf_counter()

@@ -64,7 +64,10 @@ def training_seconds(records: list[dict], batch_size: int) -> float:
 def ours(config, runs: int) -> None:
   """One JSON line per run of our trainer (in this process)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from cifar_jax import data_sources, metric_logging, models, step as step_lib, train, xla_cpu  # pylint: disable=import-outside-toplevel
+  from cifar_jax import metric_logging, train  # pylint: disable=import-outside-toplevel
+  from cifar_jax.data import sources as data_sources  # pylint: disable=import-outside-toplevel
+  from cifar_jax.models import airbench  # pylint: disable=import-outside-toplevel
+  from cifar_jax.runtime import xla_cpu  # pylint: disable=import-outside-toplevel
   xla_cpu.use_fast_convolutions()  # As main.py: before the backend starts.
   images = data_sources.load(config, 'train').images
   print(json.dumps({'jax': jax.__version__, 'device': jax.devices()[0].device_kind,
@@ -75,7 +78,7 @@ def ours(config, runs: int) -> None:
     run_config.report = False
     start = time.perf_counter()  # The whitening kernel (host, float64), as airbench clocks it.
     if config.model == 'airbench':
-      models.whitening_kernel(step_lib.whitening_data(images, config.dataset))
+      airbench.whitening_kernel(airbench.whitening_data(images, config.dataset))
     whitening = time.perf_counter() - start
     with tempfile.TemporaryDirectory(prefix='vs_airbench_') as workdir:
       start = time.perf_counter()
@@ -118,7 +121,7 @@ def main(argv):
     ours(config, FLAGS.runs)
     return
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from cifar_jax import data_sources  # pylint: disable=import-outside-toplevel
+  from cifar_jax.data import sources as data_sources  # pylint: disable=import-outside-toplevel
   work = tempfile.mkdtemp(prefix='vs_airbench_')
   data = os.path.join(work, 'cifar10.npz')
   train_split, test_split = (data_sources.load(config, s) for s in ('train', 'test'))

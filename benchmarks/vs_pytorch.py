@@ -25,7 +25,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cifar_jax import xla_cpu  # pylint: disable=wrong-import-position
+from cifar_jax.runtime import xla_cpu  # pylint: disable=wrong-import-position
 
 
 def child(cmd, keep_xla_defaults=False, python=sys.executable):

@@ -19,8 +19,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from cifar_jax import storage
 from cifar_jax.errors import UserError
+from cifar_jax.runtime import storage
 from cifar_jax.step import TrainState
 
 _FIELDS = ('step', 'params', 'batch_stats', 'opt_state', 'ema_params', 'lookahead')

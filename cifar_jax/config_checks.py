@@ -10,8 +10,10 @@ import os
 
 import jax
 
-from cifar_jax import data_sources, models, optimizers, parallel, step, storage
+from cifar_jax import models, optimizers, parallel
+from cifar_jax.data import cifar, sources
 from cifar_jax.errors import UserError
+from cifar_jax.runtime import storage
 
 INPUT_PIPELINES = ('host', 'device')
 PAD_MODES = ('zeros', 'reflect')
@@ -44,8 +46,8 @@ def _positive(config, field, allow_zero=False):
 def validate(config, num_devices: int, process_count: int = 1) -> None:
   """Raises UserError for the first problem in `config` for `num_devices` devices."""
   _choice(config, 'model', sorted(models.MODELS))
-  _choice(config, 'dataset', sorted(step.DATASETS))
-  _choice(config, 'data_source', data_sources.SOURCES)
+  _choice(config, 'dataset', cifar.DATASETS)
+  _choice(config, 'data_source', sources.SOURCES)
   _choice(config, 'input_pipeline', INPUT_PIPELINES)
   _choice(config, 'parallelism', parallel.BACKENDS)
   _choice(config, 'optimizer', optimizers.OPTIMIZERS)
@@ -58,7 +60,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
   _choice(config, 'sharding', parallel.SHARDINGS)
   _choice(config, 'remat', REMATS)
   _choice(config, 'platform', PLATFORMS)
-  if config.remat == 'block' and config.model in models.NO_BLOCK_MODELS:
+  if config.remat == 'block' and not models.has_blocks(config.model):
     raise UserError(f'config.remat=block but model {config.model} has no blocks to '
                     'rematerialize; use --config.remat=none')
   if config.lr_units == 'per_1024_examples' and config.optimizer != 'sgd':
@@ -66,9 +68,10 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
                     f'{config.optimizer}; use --config.lr_units=batch256 or --config.optimizer=sgd')
   if config.model_widths:
     widths = tuple(config.model_widths)
-    if config.model not in models.WIDTHS_MODELS:
+    if not models.takes_widths(config.model):
+      choices = ', '.join(n for n in sorted(models.MODELS) if models.takes_widths(n))
       raise UserError(f'config.model_widths={widths} but model {config.model} has fixed widths; '
-                      f'set --config.model_widths="()" or use one of {", ".join(models.WIDTHS_MODELS)}')
+                      f'set --config.model_widths="()" or use one of {choices}')
     if not all(isinstance(w, int) and w > 0 for w in widths):
       raise UserError(f'config.model_widths={widths} must be positive integers, e.g. '
                       '--config.model_widths="(64, 256, 256)"')
@@ -87,7 +90,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
   # TensorFlow only feeds the host pipeline and the tfds source; without it, say so now.
   if config.input_pipeline == 'host':
     try:
-      data_sources.import_tensorflow()
+      sources.import_tensorflow()
     except ImportError as e:
       raise UserError(f'config.input_pipeline=host needs TensorFlow ({e}); install it '
                       '(pip install -r requirements.txt) or use --config.input_pipeline=device') \
@@ -171,7 +174,7 @@ def platform_warning(config, found: str, installed=_installed) -> str | None:
 
 def profile_window(config) -> tuple[int, int] | None:
   """`config.profile_steps` "A:B" as (A, B): trace the steps after A up to B; None if off."""
-  text = str(config.get('profile_steps', '') or '').strip()
+  text = str(config.profile_steps or '').strip()
   if not text:
     return None
   try:

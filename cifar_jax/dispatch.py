@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cifar_jax import device_pipeline, step as step_lib
-from cifar_jax.data_sources import NUM_CLASSES
+from cifar_jax import step as step_lib
+from cifar_jax.data import device_pipeline
+from cifar_jax.data.cifar import NUM_CLASSES
 
 TRAIN_METRICS = ('train_loss', 'train_accuracy', 'learning_rate', 'grad_norm')
 EVAL_SUMS = ('loss_sum', 'correct', 'correct_top5', 'count', 'confusion')

@@ -20,7 +20,7 @@ import time
 
 from absl import logging
 
-from cifar_jax import storage
+from cifar_jax.runtime import storage
 
 METRICS = 'metrics.jsonl'
 

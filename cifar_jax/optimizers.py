@@ -23,6 +23,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from cifar_jax.data import cifar
+from cifar_jax.models import airbench
+
 SCHEDULES = ('cosine', 'onecycle', 'piecewise', 'triangular')
 OPTIMIZERS = ('sgd', 'adamw', 'lars')
 LR_UNITS = ('batch256', 'per_1024_examples')
@@ -32,19 +35,15 @@ TRIANGULAR_START = 0.2  # The triangular schedule starts at this fraction of its
 DEFAULT, NORM_BIAS, FROZEN, WHITEN_BIAS = 'default', 'norm_bias', 'frozen', 'whiten_bias'
 
 
-def steps_per_epoch(config, num_train_examples: int) -> int:
-  return num_train_examples // config.batch_size
-
-
 def total_steps(config, num_train_examples: int) -> int:
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
-  return int(config.num_epochs * steps_per_epoch(config, num_train_examples))
+  return int(config.num_epochs * cifar.steps_per_epoch(num_train_examples, config.batch_size))
 
 
 def peak_learning_rate(config) -> float:
   """The schedule's peak: the LR applied to the (mean-loss) gradient at the peak."""
-  if config.get('lr_units', 'batch256') == 'per_1024_examples':
+  if config.lr_units == 'per_1024_examples':
     m = config.momentum
     return config.learning_rate * config.batch_size / 1024 * (1 - m) / (2 - m)
   return config.learning_rate * config.batch_size / BASE_BATCH_SIZE
@@ -54,7 +53,8 @@ def learning_rate_schedule(config, num_train_examples: int) -> optax.Schedule:
   """Peak LR (`peak_learning_rate`), linear warmup, then the named decay."""
   peak = peak_learning_rate(config)
   total = max(total_steps(config, num_train_examples), 1)
-  warmup = min(int(config.warmup_epochs * steps_per_epoch(config, num_train_examples)), total - 1)
+  epoch = cifar.steps_per_epoch(num_train_examples, config.batch_size)
+  warmup = min(int(config.warmup_epochs * epoch), total - 1)
   if config.lr_schedule == 'cosine':
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=0.0)
   if config.lr_schedule in ('onecycle', 'triangular'):
@@ -62,7 +62,7 @@ def learning_rate_schedule(config, num_train_examples: int) -> optax.Schedule:
     # always had) goes 0.1 -> 1 -> 0 of the peak; triangular (airbench) 0.2 -> 1 ->
     # `lr_end_fraction` (airbench94: 0.07, with the peak at 23% of training).
     start, end = (0.1, 0.0) if config.lr_schedule == 'onecycle' else (
-        TRIANGULAR_START, config.get('lr_end_fraction', 0.0))
+        TRIANGULAR_START, config.lr_end_fraction)
     return optax.join_schedules(
         [optax.linear_schedule(peak * start, peak, warmup),
          optax.linear_schedule(peak, peak * end, total - warmup)], [warmup])
@@ -89,12 +89,11 @@ def param_labels(model: nnx.Module, params, separate_norm_biases: bool = True) -
   BatchNorm biases are NORM_BIAS (if `separate_norm_biases`); the kernel of a
   `models.Whitening` layer is FROZEN and its bias WHITEN_BIAS; the rest DEFAULT.
   """
-  from cifar_jax import models  # pylint: disable=g-import-not-at-top
   groups = {}
   for path, module in nnx.iter_modules(model):
     if isinstance(module, nnx.BatchNorm) and separate_norm_biases:
       groups[path + ('bias',)] = NORM_BIAS
-    if isinstance(module, models.Whitening):
+    if isinstance(module, airbench.Whitening):
       groups[path + ('kernel',)] = FROZEN
       groups[path + ('bias',)] = WHITEN_BIAS
 
@@ -107,10 +106,10 @@ def param_labels(model: nnx.Module, params, separate_norm_biases: bool = True) -
 
 
 def _base_optimizer(config, schedule, lr_multiplier: float = 1.0) -> optax.GradientTransformation:
-  scope = config.get('weight_decay_scope', 'kernels')
+  scope = config.weight_decay_scope
   mask = decay_mask if scope == 'kernels' else None
   if config.optimizer == 'sgd':
-    if config.get('lr_units', 'batch256') == 'per_1024_examples':
+    if config.lr_units == 'per_1024_examples':
       # schedule(t) = s(t) * eta * B/1024 * (1-m)/(2-m), so lambda/eta makes lambda per 1024.
       return optax.chain(
           optax.scale(lr_multiplier),
@@ -136,11 +135,12 @@ def create_optimizer(config, schedule: optax.Schedule, labels=None,
   """The configured optimizer; with `labels` (from `param_labels`), one per group."""
   if labels is None:
     return _base_optimizer(config, schedule)
-  whiten_bias_steps = int(config.get('whiten_bias_epochs', 0.0) *
-                          steps_per_epoch(config, num_train_examples or 50_000))
+  num_train_examples = num_train_examples or cifar.SPLIT_SIZES['train']
+  whiten_bias_steps = int(config.whiten_bias_epochs *
+                          cifar.steps_per_epoch(num_train_examples, config.batch_size))
   transforms = {
       DEFAULT: _base_optimizer(config, schedule),
-      NORM_BIAS: _base_optimizer(config, schedule, config.get('bn_bias_lr_multiplier', 1.0)),
+      NORM_BIAS: _base_optimizer(config, schedule, config.bn_bias_lr_multiplier),
       FROZEN: optax.set_to_zero(),
       # Trained for the first epochs only; after that not moved at all (momentum included).
       WHITEN_BIAS: optax.chain(_base_optimizer(config, schedule), optax.scale_by_schedule(

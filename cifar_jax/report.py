@@ -13,9 +13,10 @@ import json
 
 import numpy as np
 
-from cifar_jax import metric_logging, storage
-from cifar_jax.data_sources import CLASS_NAMES
+from cifar_jax import metric_logging
+from cifar_jax.data.cifar import CLASS_NAMES
 from cifar_jax.errors import UserError
+from cifar_jax.runtime import storage
 
 REPORT = 'report.png'
 

@@ -16,9 +16,8 @@ import optax
 from flax import nnx, struct
 
 from cifar_jax import models, optimizers
-from cifar_jax.data_sources import MEAN_STD
-
-DATASETS = {'cifar10': (10, 50_000, 10_000), 'cifar100': (100, 50_000, 10_000)}
+from cifar_jax.data import cifar
+from cifar_jax.models import airbench
 
 
 class TrainState(struct.PyTreeNode):
@@ -50,17 +49,6 @@ class TrainState(struct.PyTreeNode):
     return nnx.merge(self.graphdef, params, self.batch_stats, copy=True)
 
 
-WHITENING_EXAMPLES = 5000  # A whitening layer is fitted to the first this many train images.
-
-
-def whitening_data(images: np.ndarray, dataset: str) -> np.ndarray:
-  """The normalized float images a whitening layer is fitted to: the first
-  WHITENING_EXAMPLES of the train split, in its stored order (so the fit is a
-  function of the data alone: the same on every process, backend and resume)."""
-  mean, std = (np.asarray(v, np.float64) * 255.0 for v in MEAN_STD[dataset])
-  return (np.asarray(images[:WHITENING_EXAMPLES], np.float64) - mean) / std
-
-
 def create_train_state(config, rng: jax.Array, num_train_examples: int | None = None,
                        train_images: np.ndarray | None = None,
                        layout: Callable[[Any], Any] | None = None) -> TrainState:
@@ -68,34 +56,34 @@ def create_train_state(config, rng: jax.Array, num_train_examples: int | None = 
 
   `num_train_examples` sets the epoch length for the LR schedule; it defaults
   to the dataset's official train split size. `train_images` (uint8 [N,32,32,3])
-  initialize data-dependent layers (`models.Whitening`); without them those
+  initialize data-dependent layers (`models.airbench.Whitening`); without them those
   keep their random init, which is fine for a template a checkpoint overwrites.
   `layout` maps the abstract state to its shardings (e.g.
   `parallel.Backend.state_shardings`): the state is then created in place,
   sharded, never whole on one device. The values do not depend on the layout
   (JAX's partitionable threefry).
   """
-  num_classes, default_examples, _ = DATASETS[config.dataset]
-  num_train_examples = num_train_examples or default_examples
+  num_classes = cifar.NUM_CLASSES[config.dataset]
+  num_train_examples = num_train_examples or cifar.SPLIT_SIZES['train']
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   schedule = optimizers.learning_rate_schedule(config, num_train_examples)
-  widths = tuple(config.get('model_widths', ()))
+  widths = tuple(config.model_widths)
   make_model = lambda rng: models.create_model(config.model, num_classes, dtype=dtype,
                                                rngs=nnx.Rngs(rng), widths=widths,
-                                               remat=config.get('remat', 'none') == 'block')
+                                               remat=config.remat == 'block')
   abstract = nnx.eval_shape(lambda: make_model(jax.random.key(0)))
   labels = optimizers.param_labels(abstract, nnx.state(abstract, nnx.Param),
-                                   config.get('bn_bias_lr_multiplier', 1.0) != 1.0)
+                                   config.bn_bias_lr_multiplier != 1.0)
   tx = optimizers.create_optimizer(config, schedule, labels, num_train_examples)
   whitening = None
-  if train_images is not None and models.whitening_layers(abstract):
-    whitening = models.whitening_kernel(whitening_data(train_images, config.dataset))
-  lookahead_every = int(config.get('lookahead_every', 0))
+  if train_images is not None and airbench.whitening_layers(abstract):
+    whitening = airbench.whitening_kernel(airbench.whitening_data(train_images, config.dataset))
+  lookahead_every = int(config.lookahead_every)
 
   def init(rng, whitening):
     model = make_model(rng)
     if whitening is not None:
-      for _, layer in models.whitening_layers(model):
+      for _, layer in airbench.whitening_layers(model):
         layer.kernel[...] = whitening
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     copy = lambda tree: jax.tree.map(jnp.copy, tree)
@@ -108,9 +96,9 @@ def create_train_state(config, rng: jax.Array, num_train_examples: int | None = 
         lookahead=({'params': copy(params), 'batch_stats': copy(batch_stats)}
                    if lookahead_every else None),
         lookahead_every=lookahead_every,
-        lookahead_decay=float(config.get('lookahead_decay', 0.0)),
+        lookahead_decay=float(config.lookahead_decay),
         total_steps=optimizers.total_steps(config, num_train_examples),
-        micro_batches=int(config.get('micro_batches', 1)))
+        micro_batches=int(config.micro_batches))
 
   # One compiled init instead of hundreds of eagerly dispatched ops (seconds on CPU).
   if layout is None:

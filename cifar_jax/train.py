@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
 import signal
 import tempfile
@@ -18,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from cifar_jax import (checkpointing, compilation_cache, config_checks, data_sources,
-                       device_pipeline, dispatch, metric_logging, optimizers, parallel,
-                       preemption, report as report_lib, step as step_lib, storage)
+from cifar_jax import (checkpointing, config_checks, dispatch, metric_logging, optimizers,
+                       parallel, report as report_lib, step as step_lib, workdir as workdir_lib)
+from cifar_jax.data import cifar, device_pipeline, sources
 from cifar_jax.errors import UserError
+from cifar_jax.runtime import compilation_cache, preemption, storage
 
 # Test-only fault injection, e.g. CIFAR_JAX_TEST_FAULT=nan@5 (NaN images at step 5),
 # kill_in_save@4 (SIGKILL this process right after the save of step 4 has started) or
@@ -37,7 +37,7 @@ def _fault_step(kind: str) -> int:
   return int(_FAULT.split('@')[1]) if _FAULT.startswith(kind + '@') else -1
 
 
-def evaluate(backend: parallel.Backend, state, data: data_sources.Split, config,
+def evaluate(backend: parallel.Backend, state, data: cifar.Split, config,
              test_feed: dict | None = None, tta: int = 0) -> dict:
   """Top-1/top-5 accuracy and loss over exactly every example of `data`, with test-time
   augmentation level `tta` (`step.tta_logits`; recorded as `eval_tta`).
@@ -52,10 +52,10 @@ def evaluate(backend: parallel.Backend, state, data: data_sources.Split, config,
   if test_feed is not None:
     totals = backend.eval_dispatch(config, tta)(state, test_feed)
   else:
-    from cifar_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    from cifar_jax.data import host_pipeline  # pylint: disable=g-import-not-at-top
     batch_size = backend.eval_batch_size(config.eval_batch_size)
     totals = None
-    local = input_pipeline.eval_batches(data, config.dataset, batch_size, jax.process_index(),
+    local = host_pipeline.eval_batches(data, config.dataset, batch_size, jax.process_index(),
                                         jax.process_count())
     for batch in backend.prefetch(local):
       sums = backend.eval_step(state, batch, tta)
@@ -72,7 +72,7 @@ def evaluate(backend: parallel.Backend, state, data: data_sources.Split, config,
   return metrics
 
 
-def _put_on_devices(backend: parallel.Backend, *splits: data_sources.Split) -> list[dict]:
+def _put_on_devices(backend: parallel.Backend, *splits: cifar.Split) -> list[dict]:
   """`splits` whole on every device, or an `error:` line (before any copy) if they would
   not fit in device memory."""
   problem = device_pipeline.check_fits(device_pipeline.nbytes(*(a for s in splits for a in s)),
@@ -85,8 +85,8 @@ def _put_on_devices(backend: parallel.Backend, *splits: data_sources.Split) -> l
 
 def _host_blocks(train_data, config, start_step: int, sizes: list[int], k: int):
   """Blocks of host batches for the dispatches `sizes`, each [k, b, ...] (zero-padded)."""
-  from cifar_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  batches = input_pipeline.train_batches(train_data, config, start_step,
+  from cifar_jax.data import host_pipeline  # pylint: disable=g-import-not-at-top
+  batches = host_pipeline.train_batches(train_data, config, start_step,
                                          start_step + sum(sizes), jax.process_index(),
                                          jax.process_count())
   for n in sizes:
@@ -112,7 +112,7 @@ def _write_confusion(writer, step: int, confusion: np.ndarray, dataset: str,
                      image: bool = True) -> None:
   """The final eval's confusion matrix and per-class accuracy: a metrics.jsonl record,
   TensorBoard scalars `class_accuracy/<name>` and (with `image`) an image."""
-  names = data_sources.CLASS_NAMES[dataset]
+  names = cifar.CLASS_NAMES[dataset]
   accuracy = report_lib.class_accuracy(confusion, names)
   writer.write_json(step, {'confusion_matrix': confusion.astype(int).tolist(),
                            'class_accuracy': accuracy})
@@ -160,10 +160,9 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   devices = jax.devices()
   config_checks.validate(config, len(devices), jax.process_count())
   is_main = jax.process_index() == 0
-  config_path = storage.path(workdir) / 'config.json'
-  saved_config = storage.read_text(config_path)
-  if saved_config is not None:
-    changed = config_checks.check_resume(json.loads(saved_config), config, allow_config_change)
+  saved = workdir_lib.saved_config(workdir)
+  if saved is not None:
+    changed = config_checks.check_resume(saved, config, allow_config_change)
     if changed:
       logging.warning('Resuming with changed config fields: %s', ', '.join(changed))
   storage.makedirs(workdir)
@@ -175,10 +174,10 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
                config.steps_per_dispatch, cache or 'off')
 
   # --- input ---
-  train_data = data_sources.load(config, 'train')
-  test_data = data_sources.load(config, 'test')
+  train_data = sources.load(config, 'train')
+  test_data = sources.load(config, 'test')
   num_train = len(train_data.labels)
-  steps_per_epoch = optimizers.steps_per_epoch(config, num_train)
+  steps_per_epoch = cifar.steps_per_epoch(num_train, config.batch_size)
   total_steps = optimizers.total_steps(config, num_train)
   if steps_per_epoch == 0:
     raise UserError(f'config.batch_size={config.batch_size} exceeds the {num_train} training '
@@ -213,7 +212,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   # those steps run again.
   writer = metric_logging.create_writer(workdir, is_main, start_step)
   if is_main:  # Written whole (other processes may be reading it).
-    storage.write_whole(config_path, config.to_json_best_effort(indent=2) + '\n')
+    workdir_lib.write_config(workdir, config)
     logging.info('%d train / %d test examples; %d steps/epoch, %d steps in all.', num_train,
                  len(test_data.labels), steps_per_epoch, total_steps)
   report = metric_logging.ProgressReporter(start_step, total_steps)
@@ -339,7 +338,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   if not directory.exists():
     raise UserError(f'{directory} does not exist; train first, or point --workdir at a run')
   compilation_cache.configure(config.compilation_cache_dir)
-  test_data = data_sources.load(config, 'test')
+  test_data = sources.load(config, 'test')
   backend = _backend(config, devices)
   test_feed = _put_on_devices(backend, test_data)[0] if config.input_pipeline == 'device' else None
   template = step_lib.create_train_state(config, jax.random.key(config.seed),

@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # As main.py does, before any backend starts: XLA's own CPU convolutions. jaxlib 0.12's
 # YNNPACK ones are not only slower but shape-dependent: a tensor-parallel resnet18 step on
 # a (4, 2) mesh then differs from the replicated one by 3e-2 (relative), 8e-6 without them.
-from cifar_jax import xla_cpu  # pylint: disable=wrong-import-position
+from cifar_jax.runtime import xla_cpu  # pylint: disable=wrong-import-position
 
 xla_cpu.use_fast_convolutions()
 # As main.py does: gs:// through gcsfs, not TensorFlow's client (etils caches the choice at

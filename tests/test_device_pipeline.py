@@ -4,8 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifar_jax import device_pipeline, dispatch, parallel
-from cifar_jax.data_sources import MEAN_STD
+from cifar_jax import dispatch, parallel
+from cifar_jax.data import device_pipeline
+from cifar_jax.data.cifar import MEAN_STD
 
 N = 96  # Examples; 12 steps per epoch at batch 8, 3 at batch 32.
 
@@ -122,7 +123,7 @@ def test_augmentation_is_sane_and_depends_on_the_seed(feed):
 
 def test_device_eval_counts_every_example_like_the_host_eval():
   from cifar_jax import create_train_state, train
-  from cifar_jax.data_sources import synthetic
+  from cifar_jax.data.sources import synthetic
   config = _config()
   config.update(model='fast_cnn', eval_batch_size=50)  # Rounded up to 56 on 8 devices.
   data = synthetic('cifar10', 'test')
@@ -146,7 +147,7 @@ def test_data_that_would_not_fit_names_the_host_pipeline(monkeypatch):
   assert '200 MiB' in problem and '256 MiB' in problem
   # The loop turns it into one error line before copying anything.
   from cifar_jax import train
-  from cifar_jax.data_sources import synthetic
+  from cifar_jax.data.sources import synthetic
   from cifar_jax.errors import UserError
 
   class SmallDevice:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cifar_jax import create_train_state, dispatch, parallel
-from cifar_jax.data_sources import synthetic
+from cifar_jax.data.sources import synthetic
 
 
 @pytest.mark.parametrize('start, total, k, intervals, want', [

@@ -16,7 +16,7 @@ import pytest
 from helpers import CACHE_FLAG, ROOT, checkpoint_arrays, free_port, logged_steps, subprocess_env
 from helpers import metrics_records as records
 
-from cifar_jax import distributed
+from cifar_jax.runtime import distributed
 from cifar_jax.errors import UserError
 
 STEPS = 6

@@ -396,7 +396,8 @@ def run_airbench(workdir, fault=None):
 
 
 def test_airbench_config_trains_and_resumes_bit_identical_with_its_whitening(tmp_path):
-  from cifar_jax import data_sources, models, step as step_lib  # pylint: disable=import-outside-toplevel
+  from cifar_jax.data import sources as data_sources  # pylint: disable=import-outside-toplevel
+  from cifar_jax.models import airbench  # pylint: disable=import-outside-toplevel
   reference, resumed = str(tmp_path / 'reference'), str(tmp_path / 'resumed')
   result = run_airbench(reference)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -409,7 +410,7 @@ def test_airbench_config_trains_and_resumes_bit_identical_with_its_whitening(tmp
   assert any(k.startswith("['lookahead']") for k in got)
   # The whitening kernel is the data's (the first train images), in every checkpoint.
   train = data_sources.synthetic('cifar10', 'train', 0, 512)
-  kernel = models.whitening_kernel(step_lib.whitening_data(train.images, 'cifar10'))
+  kernel = airbench.whitening_kernel(airbench.whitening_data(train.images, 'cifar10'))
   for workdir, step in ((reference, 8), (resumed, AIRBENCH_STEPS)):
     np.testing.assert_array_equal(arrays(workdir, step)["['params']['whiten']['kernel']['value']"],
                                   kernel)

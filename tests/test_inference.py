@@ -16,8 +16,9 @@ from helpers import CACHE_FLAG, ROOT, metrics_records, subprocess_env
 
 from flax import nnx
 
-from cifar_jax import create_train_state, inference, models
-from cifar_jax.device_pipeline import normalize
+from cifar_jax import create_train_state, models, workdir as workdir_lib
+from cifar_jax.data.cifar import CLASS_NAMES, normalize
+from cifar_jax.serving import export as export_lib, images as images_lib, model as model_lib, predict as predict_lib
 
 SHARED_JPEGS = os.path.join(ROOT, '..', 'shared', 'data', 'cifar10-jpeg.tar.gz')
 RUN_ARGS = ['--config=configs/default.py', '--config.model=fast_cnn',
@@ -81,7 +82,7 @@ def test_final_eval_records_confusion_matrix_and_class_accuracy(run):
   final = [r for r in metrics_records(run) if r.get('step') == 8 and 'eval_accuracy' in r][-1]
   assert confusion.shape == (10, 10) and confusion.sum() == final['eval_count'] == 102
   assert np.trace(confusion) / confusion.sum() == pytest.approx(final['eval_accuracy'])
-  assert set(records[0]['class_accuracy']) == set(inference.class_names('cifar10'))
+  assert set(records[0]['class_accuracy']) == set(CLASS_NAMES['cifar10'])
   # TensorBoard: the image and the per-class scalars.
   from tensorboard.backend.event_processing import event_accumulator
   events = event_accumulator.EventAccumulator(run, size_guidance={'images': 0, 'scalars': 0})
@@ -125,10 +126,10 @@ def test_predict_a_folder_with_a_bad_file_in_it(run, tmp_path):
   for line in lines:
     top5 = line['top5']
     assert len(top5) == 5 and top5[0]['probability'] >= top5[-1]['probability']
-    assert all(p['label'] == inference.class_names('cifar10')[p['index']] for p in top5)
+    assert all(p['label'] == CLASS_NAMES['cifar10'][p['index']] for p in top5)
   # The same prediction as the model on the same pixels (a.png is 32x32: no resize).
-  config, state, _, _ = inference.load_run(run, 'best')
-  probs = inference.predict(inference.serving_function(inference.serving_model(config, state),
+  config, state, _, _ = workdir_lib.load_state(run, 'best')
+  probs = predict_lib.predict(model_lib.serving_function(model_lib.serving_model(config, state),
                                                        'cifar10'), images[:1])
   assert lines[0]['top5'][0]['index'] == int(np.argmax(probs[0]))
   assert lines[0]['top5'][0]['probability'] == pytest.approx(float(probs[0].max()), abs=1e-5)
@@ -152,7 +153,7 @@ def test_resize_takes_the_centred_square():
   from PIL import Image
   image = np.zeros((64, 128, 3), np.uint8)
   image[:, 32:96] = 200  # The centred square, bright; the sides dark.
-  assert (inference.to_cifar_size(Image.fromarray(image)) == 200).all()
+  assert (images_lib.to_cifar_size(Image.fromarray(image)) == 200).all()
 
 
 # --- the serving bundle, for every architecture ----------------------------------------
@@ -183,8 +184,8 @@ def bundles(tmp_path_factory):
     state = state.replace(params=params, batch_stats=nnx.state(model, nnx.BatchStat))
     directory = str(root / name)
     # CPU only here (the runtime under test); export mode's test checks all three lower.
-    inference.export_bundle(config, state, directory, 'test', platforms=('cpu',))
-    fn = jax.jit(inference.serving_function(inference.serving_model(config, state), 'cifar10'))
+    export_lib.export_bundle(config, state, directory, 'test', platforms=('cpu',))
+    fn = jax.jit(model_lib.serving_function(model_lib.serving_model(config, state), 'cifar10'))
     np.save(os.path.join(directory, 'images.npy'), images)
     reference = np.asarray(fn(images))
     assert reference.std(axis=0).mean() > 1e-2, name  # Logits that differ between images.
@@ -241,7 +242,7 @@ def test_onnx_model_matches_the_jax_model(bundles):
                 'install -r requirements-onnx.txt`, then CIFAR_JAX_ONNX_PYTHON=.venv-onnx/bin/python')
   code = '''
 import json, sys, numpy as np, onnxruntime as ort
-from cifar_jax import onnx_export
+from cifar_jax.serving import onnx_export
 errors = {}
 for name, directory in json.loads(sys.argv[1]).items():
   session = ort.InferenceSession(onnx_export.convert(directory))

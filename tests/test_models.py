@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 
 from cifar_jax import models
+from cifar_jax.models import airbench, layers
 
 
 def _abstract_count(name, num_classes=10):
@@ -47,15 +48,15 @@ def test_unknown_model_names_the_choices():
 def test_fast_max_pool_equals_max_pool_with_gradient():
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
   ref = lambda x: nnx.max_pool(x, (2, 2), (2, 2))
-  np.testing.assert_array_equal(models.max_pool_2x2(x), ref(x))
-  g = jax.grad(lambda x: jnp.sum(models.max_pool_2x2(x) ** 2))(x)
+  np.testing.assert_array_equal(layers.max_pool_2x2(x), ref(x))
+  g = jax.grad(lambda x: jnp.sum(layers.max_pool_2x2(x) ** 2))(x)
   g_ref = jax.grad(lambda x: jnp.sum(ref(x) ** 2))(x)
   np.testing.assert_allclose(g, g_ref, rtol=1e-6)
 
 
 def test_local_response_norm_matches_its_formula():
   x = jax.random.normal(jax.random.key(1), (1, 2, 2, 12))
-  y = models.local_response_norm(x, depth_radius=2, bias=1.0, alpha=0.5, beta=0.75)
+  y = layers.local_response_norm(x, depth_radius=2, bias=1.0, alpha=0.5, beta=0.75)
   xn = np.asarray(x)
   for c in range(12):
     window = np.sum(xn[..., max(0, c - 2):c + 3] ** 2, axis=-1)
@@ -89,9 +90,9 @@ def test_airbench_convs_start_as_identities_on_their_first_channels():
 def test_whitening_kernel_whitens_the_patches_and_is_deterministic():
   rs = np.random.RandomState(0)
   images = rs.randn(200, 8, 8, 3) @ rs.randn(3, 3) + rs.randn(3)  # Correlated channels.
-  kernel = models.whitening_kernel(images, eps=0.0)
+  kernel = airbench.whitening_kernel(images, eps=0.0)
   assert kernel.shape == (2, 2, 3, 24)
-  np.testing.assert_array_equal(kernel, models.whitening_kernel(images.copy(), eps=0.0))
+  np.testing.assert_array_equal(kernel, airbench.whitening_kernel(images.copy(), eps=0.0))
   out = jax.lax.conv_general_dilated(jnp.asarray(images, jnp.float32), jnp.asarray(kernel),
                                      (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   flat = np.asarray(out, np.float64).reshape(-1, 24)

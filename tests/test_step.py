@@ -161,14 +161,14 @@ def test_tta_levels_average_the_documented_views(small_config):
 def test_tta_eval_counts_every_example_of_a_split_not_divisible_by_the_batch(small_config):
   from cifar_jax import parallel, train
   from cifar_jax import step as step_lib
-  from cifar_jax.data_sources import synthetic
+  from cifar_jax.data.sources import synthetic
   config = _airbench_config(small_config, eval_batch_size=48)  # 104 = 2 * 48 + 8.
   data = synthetic('cifar10', 'test')
   data = type(data)(data.images[:104], data.labels[:104])
   state = create_train_state(config, jax.random.key(0), 256)
   model = state.model()
   model.eval()
-  from cifar_jax.device_pipeline import normalize
+  from cifar_jax.data.cifar import normalize
   logits = step_lib.tta_logits(model, normalize(jnp.asarray(data.images), 'cifar10'), 2)
   correct = int(jnp.sum(jnp.argmax(logits, -1) == data.labels))
   for name in ('jit', 'shard_map'):

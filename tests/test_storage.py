@@ -13,7 +13,10 @@ import pytest
 from etils import epath
 from test_data_sources import write_cifar
 
-from cifar_jax import data_sources, inference, metric_logging, storage
+from cifar_jax import metric_logging
+from cifar_jax.data import sources as data_sources
+from cifar_jax.runtime import storage
+from cifar_jax.serving import images as serving_images
 
 _buckets = iter(range(10**6))
 
@@ -170,10 +173,10 @@ def test_predict_inputs_from_gs(gcs):
   for name in ('a.png', 'b.png'):
     epath.Path(f'gs://{bucket}/in/{name}').write_bytes(buffer.getvalue())
   epath.Path(f'gs://{bucket}/in/notes.txt').write_text('not an image')
-  paths = inference.expand_inputs([f'gs://{bucket}/in/*.png', f'gs://{bucket}/in'])
+  paths = serving_images.expand_inputs([f'gs://{bucket}/in/*.png', f'gs://{bucket}/in'])
   assert paths == [f'gs://{bucket}/in/{n}' for n in ('a.png', 'b.png', 'a.png', 'b.png',
                                                      'notes.txt')]
-  good, images, warnings = inference.read_images(paths)
+  good, images, warnings = serving_images.read_images(paths)
   assert len(good) == 4 and len(warnings) == 1 and 'notes.txt' in warnings[0]
   np.testing.assert_array_equal(images[0], pixels)
 

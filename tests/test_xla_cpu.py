@@ -1,7 +1,7 @@
 """The XLA:CPU convolution flag: added only when jaxlib accepts it, never over the user's."""
 import json
 
-from cifar_jax import xla_cpu
+from cifar_jax.runtime import xla_cpu
 
 
 def test_added_to_the_users_other_flags_when_supported():

@@ -14,45 +14,20 @@ import pickle
 import socket
 import tarfile
 import tempfile
-from typing import NamedTuple
 
 import numpy as np
 
-from cifar_jax import storage
+from cifar_jax.data.cifar import NUM_CLASSES, SPLIT_SIZES, Split
 from cifar_jax.errors import UserError
+from cifar_jax.runtime import storage
 
 SOURCES = ('tfds', 'archive', 'synthetic')
-SPLIT_SIZES = {'train': 50_000, 'test': 10_000}
-NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
-# Label names in label order (the datasets' own `batches.meta` / `meta` files).
-CLASS_NAMES = {
-    'cifar10': ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
-                'truck'),
-    'cifar100': tuple("""apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl
-        boy bridge bus butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud
-        cockroach couch crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl
-        hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree
-        motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear
-        pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket
-        rose sea seal shark shrew skunk skyscraper snail snake spider squirrel streetcar
-        sunflower sweet_pepper table tank telephone television tiger tractor train trout tulip
-        turtle wardrobe whale willow_tree wolf woman worm""".split()),
-}
-MEAN_STD = {  # Per-channel mean and standard deviation of the train split, in [0, 1].
-    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
-
-
-class Split(NamedTuple):
-  images: np.ndarray  # uint8 [N, 32, 32, 3]
-  labels: np.ndarray  # int32 [N]
 
 
 def load(config, split: str) -> Split:
   """Loads `split` ('train' or 'test') of `config.dataset` from `config.data_source`."""
   if config.data_source == 'synthetic':
-    return synthetic(config.dataset, split, config.seed, config.get('num_synthetic_examples', 0))
+    return synthetic(config.dataset, split, config.seed, config.num_synthetic_examples)
   if config.data_source == 'archive':
     return from_archive(config.dataset, split, config.data_dir)
   if config.data_source == 'tfds':

@@ -4,8 +4,9 @@ import itertools
 import numpy as np
 import pytest
 
-from cifar_jax import input_pipeline
-from cifar_jax.data_sources import Split, synthetic
+from cifar_jax.data import host_pipeline as input_pipeline
+from cifar_jax.data.cifar import Split
+from cifar_jax.data.sources import synthetic
 from configs.default import get_config as default_config
 
 
@@ -103,9 +104,10 @@ def test_eval_batches_cover_the_split_exactly_once_with_padding_masked(data):
 def test_no_tensorflow_is_imported_until_the_host_pipeline_is_used(tmp_path):
   import subprocess
   import sys
-  code = ('import sys; import cifar_jax, cifar_jax.input_pipeline, cifar_jax.parallel, '
-          'cifar_jax.checkpointing, cifar_jax.data_sources, cifar_jax.train, '
-          'cifar_jax.device_pipeline, cifar_jax.dispatch; '
+  code = ('import sys; import cifar_jax, cifar_jax.data.host_pipeline, cifar_jax.parallel, '
+          'cifar_jax.checkpointing, cifar_jax.data.sources, cifar_jax.train, '
+          'cifar_jax.data.device_pipeline, cifar_jax.dispatch, cifar_jax.serving.export, '
+          'cifar_jax.serving.predict; '
           'from cifar_jax import metric_logging; '
           f'w = metric_logging.create_writer({str(tmp_path)!r}); w.write_scalars(1, {{"a": 1}}); '
           'w.close(); assert "tensorflow" not in sys.modules, "tensorflow imported"')

@@ -15,14 +15,10 @@ from typing import Iterator
 
 import numpy as np
 
-from cifar_jax.data_sources import MEAN_STD, Split, import_tensorflow
-PAD = 4  # Random-crop padding in pixels when the config does not say.
+from cifar_jax.data.cifar import IMAGE_SIZE, MEAN_STD, Split, normalize, steps_per_epoch
+from cifar_jax.data.sources import import_tensorflow
+
 _SHUFFLE, _CROP, _FLIP, _CUTOUT = range(4)  # Independent stateless streams.
-
-
-def normalize(images: np.ndarray, dataset: str) -> np.ndarray:
-  mean, std = (np.asarray(v, np.float32) * 255.0 for v in MEAN_STD[dataset])
-  return (images.astype(np.float32) - mean) / std
 
 
 def train_batches(data: Split, config, start_step: int, end_step: int,
@@ -40,17 +36,17 @@ def train_batches(data: Split, config, start_step: int, end_step: int,
   n, batch = len(data.labels), config.batch_size
   if batch % process_count:
     raise ValueError(f'batch_size {batch} is not divisible by {process_count} processes')
-  steps_per_epoch = n // batch
+  epoch_steps = steps_per_epoch(n, batch)
   local = batch // process_count
   lo = process_index * local
   seed = int(config.seed)
   mean, std = (tf.constant(v, tf.float32) * 255.0 for v in MEAN_STD[config.dataset])
   images = tf.constant(data.images)
   labels = tf.constant(data.labels.astype(np.int32))
-  cutout = int(config.get('cutout', 0))
-  pad = int(config.get('crop_padding', PAD))
-  pad_mode = {'zeros': 'CONSTANT', 'reflect': 'REFLECT'}[config.get('crop_pad_mode', 'zeros')]
-  flip_mode = config.get('flip', 'random')
+  cutout = int(config.cutout)
+  pad = int(config.crop_padding)
+  pad_mode = {'zeros': 'CONSTANT', 'reflect': 'REFLECT'}[config.crop_pad_mode]
+  flip_mode = config.flip
 
   def stream(kind, counter):
     return tf.stack([tf.constant(seed, tf.int64) * 4 + kind, tf.cast(counter, tf.int64)])
@@ -59,7 +55,7 @@ def train_batches(data: Split, config, start_step: int, end_step: int,
   first_flip = tf.random.stateless_uniform([n], stream(_FLIP, -1)) < 0.5
 
   def make_batch(step):
-    epoch, k = step // steps_per_epoch, step % steps_per_epoch
+    epoch, k = step // epoch_steps, step % epoch_steps
     perm = tf.random.experimental.stateless_shuffle(tf.range(n), seed=stream(_SHUFFLE, epoch))
     idx = perm[k * batch + lo:k * batch + lo + local]
     x = tf.gather(images, idx)
@@ -68,7 +64,7 @@ def train_batches(data: Split, config, start_step: int, end_step: int,
     offsets = tf.random.stateless_uniform([batch, 2], stream(_CROP, step), 0, 2 * pad + 1,
                                           dtype=tf.int32)[lo:lo + local]
     x = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode=pad_mode)
-    grid = tf.range(32)[None, :]
+    grid = tf.range(IMAGE_SIZE)[None, :]
     x = tf.gather(x, offsets[:, :1] + grid, axis=1, batch_dims=1)
     x = tf.gather(x, offsets[:, 1:] + grid, axis=2, batch_dims=1)
     if flip_mode == 'random':
@@ -80,7 +76,7 @@ def train_batches(data: Split, config, start_step: int, end_step: int,
     x = tf.where(flip[:, None, None, None], tf.reverse(x, [2]), x)
     x = (tf.cast(x, tf.float32) - mean) / std
     if cutout:
-      centers = tf.random.stateless_uniform([batch, 2], stream(_CUTOUT, step), 0, 32,
+      centers = tf.random.stateless_uniform([batch, 2], stream(_CUTOUT, step), 0, IMAGE_SIZE,
                                             dtype=tf.int32)[lo:lo + local]
       # A cutout x cutout square around the centre, clipped at the border (an even size
       # used to give a square one pixel smaller).
@@ -110,7 +106,7 @@ def eval_batches(data: Split, dataset: str, batch_size: int,
     lo = min(start + process_index * local, n)
     hi = min(lo + local, n)
     real = hi - lo
-    images = np.zeros((local, 32, 32, 3), np.float32)
+    images = np.zeros((local, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
     labels = np.zeros((local,), np.int32)
     images[:real] = normalize(data.images[lo:hi], dataset)
     labels[:real] = data.labels[lo:hi]

@@ -32,9 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cifar_jax.data_sources import MEAN_STD
+from cifar_jax.data.cifar import IMAGE_SIZE, PAD, normalize, steps_per_epoch
 
-PAD = 4                    # Random-crop padding in pixels (as the host pipeline).
 FEISTEL_ROUNDS = 6         # Luby-Rackoff: 4 rounds of random functions already give a PRP.
 MEMORY_FRACTION = 0.5      # The data may take at most this share of a device's memory.
 _SHUFFLE, _AUGMENT, _FLIP_BASE = 0, 1, 2  # Independent streams of the seed.
@@ -72,18 +71,13 @@ def shuffled_index(key: jax.Array, positions: jax.Array, n: int) -> jax.Array:
 
 
 # --- train batches -------------------------------------------------------------------
-def normalize(x: jax.Array, dataset: str) -> jax.Array:
-  """uint8 (or float 0..255) images -> the normalized float32 the models see."""
-  mean, std = (jnp.asarray(v, jnp.float32) * 255.0 for v in MEAN_STD[dataset])
-  return (x.astype(jnp.float32) - mean) / std
-
-
 def _source_pixel(i: jax.Array, pad_mode: str) -> tuple[jax.Array, jax.Array]:
   """Where pixel `i` of a padded axis (-pad .. 31+pad) comes from, and whether it is an
   image pixel (False: a zero of `zeros` padding)."""
+  last = IMAGE_SIZE - 1
   if pad_mode == 'reflect':  # As numpy/PyTorch 'reflect': the edge pixel is not repeated.
-    return jnp.where(i < 0, -i, jnp.where(i > 31, 62 - i, i)), jnp.ones(i.shape, bool)
-  return jnp.clip(i, 0, 31), (i >= 0) & (i < 32)
+    return jnp.where(i < 0, -i, jnp.where(i > last, 2 * last - i, i)), jnp.ones(i.shape, bool)
+  return jnp.clip(i, 0, last), (i >= 0) & (i < IMAGE_SIZE)
 
 
 def flips(mode: str, random: jax.Array, seed: int, index: jax.Array,
@@ -121,9 +115,9 @@ def train_batch(images: jax.Array, labels: jax.Array, step: jax.Array, positions
   Returns {'image': float32 [b,32,32,3] normalized, 'label': int32 [b]}.
   """
   n = images.shape[0]
-  steps_per_epoch = n // batch_size
+  epoch_steps = steps_per_epoch(n, batch_size)
   seed_key = jax.random.key(seed)
-  epoch, k = step // steps_per_epoch, step % steps_per_epoch
+  epoch, k = step // epoch_steps, step % epoch_steps
   order_key = jax.random.fold_in(jax.random.fold_in(seed_key, _SHUFFLE), epoch)
   index = shuffled_index(order_key, k * batch_size + positions, n)
 
@@ -131,18 +125,18 @@ def train_batch(images: jax.Array, labels: jax.Array, step: jax.Array, positions
   keys = jax.vmap(lambda p: jax.random.split(jax.random.fold_in(step_key, p), 3))(positions)
   offsets = jax.vmap(lambda k: jax.random.randint(k, (2,), 0, 2 * pad + 1))(keys[:, 0])
   flip = flips(flip, jax.vmap(jax.random.bernoulli)(keys[:, 1]), seed, index, epoch)
-  grid = jnp.arange(32)
+  grid = jnp.arange(IMAGE_SIZE)
   # Crop, then flip: output pixel (i, j) is padded pixel (dy + i, dx + j'), j' = 31 - j if
   # flipped. One gather does the example lookup, crop and flip.
   rows, rows_in = _source_pixel(offsets[:, :1] - pad + grid, pad_mode)            # [b, 32]
-  cols, cols_in = _source_pixel(offsets[:, 1:] - pad + jnp.where(flip[:, None], 31 - grid, grid),
+  cols, cols_in = _source_pixel(offsets[:, 1:] - pad + jnp.where(flip[:, None], IMAGE_SIZE - 1 - grid, grid),
                                 pad_mode)
   pixels = images[index[:, None, None], rows[:, :, None], cols[:, None, :]]      # [b, 32, 32, 3]
   if pad_mode == 'zeros':
     pixels = jnp.where((rows_in[:, :, None] & cols_in[:, None, :])[..., None], pixels, 0)
   x = normalize(pixels, dataset)
   if cutout:
-    centres = jax.vmap(lambda k: jax.random.randint(k, (2,), 0, 32))(keys[:, 2])
+    centres = jax.vmap(lambda k: jax.random.randint(k, (2,), 0, IMAGE_SIZE))(keys[:, 2])
     # A cutout x cutout square around the centre (clipped at the border).
     rows_in = (grid >= centres[:, :1] - cutout // 2) & (grid < centres[:, :1] - cutout // 2 + cutout)
     cols_in = (grid >= centres[:, 1:] - cutout // 2) & (grid < centres[:, 1:] - cutout // 2 + cutout)

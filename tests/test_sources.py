@@ -7,7 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from cifar_jax import data_sources
+from cifar_jax.data import sources as data_sources
 from cifar_jax.errors import UserError
 
 

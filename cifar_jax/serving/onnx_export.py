@@ -1,10 +1,10 @@
-"""model.onnx for a serving bundle, with jax2onnx: `python -m cifar_jax.onnx_export BUNDLE`.
+"""model.onnx for a serving bundle, with jax2onnx: `python -m cifar_jax.serving.onnx_export BUNDLE`.
 
 jax2onnx pins an older orbax-checkpoint than training needs, so it lives in its own
 environment (`requirements-onnx.txt`); this module needs only jax, flax and jax2onnx
 from it (no orbax, no TensorFlow, no checkpoint): it rebuilds the model from the
-bundle's `model.json` and `weights.npz` (written by `inference.export_bundle`) and
-converts the same uint8 -> logits function as `model.jax` (`inference.serving_function`),
+bundle's `model.json` and `weights.npz` (written by `export.export_bundle`) and
+converts the same uint8 -> logits function as `model.jax` (`model.serving_function`),
 with a symbolic batch.
 `main.py --mode=export` runs it in that environment (`--onnx_python`).
 """
@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cifar_jax import inference, models
+from cifar_jax import models
+from cifar_jax.data.cifar import IMAGE_SIZE
+from cifar_jax.serving import model as model_lib
 
 OPSET = 23
 
@@ -37,9 +39,9 @@ def build(bundle: str):
     leaves = [jnp.asarray(weights[jax.tree_util.keystr(p)])
               for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
   tree = jax.tree.unflatten(jax.tree.structure(tree), leaves)
-  model = inference.float32_model(meta['model'], meta['num_classes'], meta['model_widths'],
+  model = model_lib.float32_model(meta['model'], meta['num_classes'], meta['model_widths'],
                                   tree['params'], tree['batch_stats'])
-  return inference.serving_function(model, meta['dataset'])
+  return model_lib.serving_function(model, meta['dataset'])
 
 
 def convert(bundle: str) -> str:
@@ -47,7 +49,7 @@ def convert(bundle: str) -> str:
   import jax2onnx  # pylint: disable=import-outside-toplevel
   import onnx  # pylint: disable=import-outside-toplevel
   batch = jax.export.symbolic_shape('batch')[0]
-  spec = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.uint8)
+  spec = jax.ShapeDtypeStruct((batch, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.uint8)
   path = os.path.join(bundle, 'model.onnx')
   proto = jax2onnx.to_onnx(build(bundle), [spec], model_name='cifar_jax', opset=OPSET,
                            input_names=['images'], output_names=['logits'], return_mode='proto')
@@ -64,5 +66,5 @@ def convert(bundle: str) -> str:
 
 if __name__ == '__main__':
   if len(sys.argv) != 2:
-    sys.exit('usage: python -m cifar_jax.onnx_export BUNDLE_DIR')
+    sys.exit('usage: python -m cifar_jax.serving.onnx_export BUNDLE_DIR')
   print(convert(sys.argv[1]))

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from cifar_jax import create_train_state, parallel
-from cifar_jax.data_sources import synthetic
-from cifar_jax.input_pipeline import eval_batches
+from cifar_jax.data.sources import synthetic
+from cifar_jax.data.host_pipeline import eval_batches
 
 
 def _run(backend, config, batches):
