@@ -44,8 +44,8 @@ def new_carry() -> dict:
 
 
 def train_steps(state: step_lib.TrainState, carry: dict, feed, first: jax.Array, last: jax.Array,
-                poison_step: jax.Array, *, make_batch: Callable, axis_name: str | None = None,
-                sync_grads: bool = False, loop: bool = True):
+                *, make_batch: Callable, axis_name: str | None = None, sync_grads: bool = False,
+                loop: bool = True):
   """Runs the steps `first .. last-1` of a dispatch; returns the new state and carry.
 
   Args:
@@ -54,14 +54,10 @@ def train_steps(state: step_lib.TrainState, carry: dict, feed, first: jax.Array,
     feed: what `make_batch(feed, step, i)` reads the i-th step's batch from.
     first, last: traced int32 bounds of the step index i within the dispatch.
     loop: False runs step `first` alone, with no loop around it (`last` unused).
-    poison_step: a test hook; the batch of this 1-based step gets NaN images
-      (-1: never). Multiplying by 1.0 elsewhere changes no bit.
   """
   def body(i, state_and_carry):
     state, carry = state_and_carry
     batch = make_batch(feed, state.step, i)
-    scale = jnp.where(state.step + 1 == poison_step, jnp.nan, 1.0).astype(batch['image'].dtype)
-    batch = dict(batch, image=batch['image'] * scale)
     new_state, metrics = step_lib.train_step(state, batch, axis_name, sync_grads)
     bad = ~(jnp.isfinite(metrics['train_loss']) & jnp.isfinite(metrics['grad_norm']))
     first_bad = jnp.where((carry['first_bad'] < 0) & bad, state.step + 1, carry['first_bad'])

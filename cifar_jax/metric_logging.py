@@ -237,22 +237,3 @@ def create_writer(workdir, is_main_process: bool = True, start_step: int = 0) ->
   except ImportError as e:
     logging.warning('No TensorBoard events (%s); pip install tensorboard to get them.', e)
   return MultiWriter(writers)
-
-
-class ProgressReporter:
-  """Logs `step N/T (x%), steps/sec, ETA` at most every `every_secs` seconds."""
-
-  def __init__(self, start_step: int, total_steps: int, every_secs: float = 30.0):
-    self._total = total_steps
-    self._every = every_secs
-    self._last_step, self._last_time = start_step, time.perf_counter()
-
-  def __call__(self, step: int):
-    now = time.perf_counter()
-    if now - self._last_time < self._every and step != self._total:
-      return
-    rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
-    eta = (self._total - step) / rate if rate > 0 else float('inf')
-    logging.info('Step %d/%d (%.1f%%): %.2f steps/sec, ETA %.1f min', step, self._total,
-                 100.0 * step / self._total, rate, eta / 60)
-    self._last_step, self._last_time = step, now

@@ -1,14 +1,15 @@
 """The training loop: `train_and_evaluate(config, workdir)`, readable top to bottom.
 
-Also `evaluate_checkpoint(config, workdir)` for `--mode=eval`. Needs no
-TensorFlow with `input_pipeline=device` and the archive or synthetic source.
+Also `evaluate_checkpoint(config, workdir)` for `--mode=eval`; both start from
+`setup`. Needs no TensorFlow with `input_pipeline=device` and the archive or
+synthetic source. The loop's cross-cutting concerns (when to log, the meter,
+the progress line, the profiler, hooks) are the small helpers of `loop`.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
-import os
-import signal
 import tempfile
 import time
 
@@ -17,26 +18,55 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from cifar_jax import (checkpointing, config_checks, dispatch, metric_logging, optimizers,
+from cifar_jax import (checkpointing, config_checks, dispatch, loop, metric_logging, optimizers,
                        parallel, report as report_lib, step as step_lib, workdir as workdir_lib)
 from cifar_jax.data import cifar, device_pipeline, sources
 from cifar_jax.errors import UserError
 from cifar_jax.runtime import compilation_cache, preemption, storage
 
-# Test-only fault injection, e.g. CIFAR_JAX_TEST_FAULT=nan@5 (NaN images at step 5),
-# kill_in_save@4 (SIGKILL this process right after the save of step 4 has started) or
-# sigterm@6 (SIGTERM to itself once step 6 is done, as a preemption notice would).
-_FAULT = os.environ.get('CIFAR_JAX_TEST_FAULT', '')
+
+# --- setup: shared by training and --mode=eval ------------------------------------------
+@dataclasses.dataclass
+class Setup:
+  """A run's data, devices and train state, before any checkpoint is read."""
+  backend: parallel.Backend
+  test_data: cifar.Split
+  state: step_lib.TrainState  # Created in place in its sharding (a template for restores).
+  train_data: cifar.Split | None = None  # Training only.
+  train_feed: dict | None = None  # The splits on the devices (input_pipeline=device).
+  test_feed: dict | None = None
 
 
-def _fault(kind: str, step: int) -> bool:
-  return _FAULT == f'{kind}@{step}'
+def setup(config, training: bool) -> Setup:
+  """Loads the data (the train split only for `training`), starts the backend, puts the
+  data on the devices for the device pipeline and creates the train state. `config`
+  has been validated."""
+  cache = compilation_cache.configure(config.compilation_cache_dir)
+  devices = jax.devices()
+  logging.info('JAX %s: %d devices (%s) in %d process(es), backend %s, mesh %s, sharding %s, '
+               '%s input pipeline, %d steps per dispatch, compilation cache %s', jax.__version__,
+               len(devices), devices[0].platform, jax.process_count(), config.parallelism,
+               tuple(config.mesh_shape), config.sharding, config.input_pipeline,
+               config.steps_per_dispatch, cache or 'off')
+  train_data = sources.load(config, 'train') if training else None
+  test_data = sources.load(config, 'test')
+  if training and cifar.steps_per_epoch(len(train_data.labels), config.batch_size) == 0:
+    raise UserError(f'config.batch_size={config.batch_size} exceeds the '
+                    f'{len(train_data.labels)} training examples; lower it')
+  backend = parallel.Backend(config.parallelism, devices, mesh_shape=tuple(config.mesh_shape),
+                             sharding=config.sharding)
+  feeds = {}
+  if config.input_pipeline == 'device':
+    splits = {'train_feed': train_data, 'test_feed': test_data} if training else \
+        {'test_feed': test_data}
+    feeds = dict(zip(splits, _put_on_devices(backend, *splits.values())))
+  state = step_lib.create_train_state(
+      config, jax.random.key(config.seed), len(train_data.labels) if training else None,
+      train_images=train_data.images if training else None, layout=backend.state_shardings)
+  return Setup(backend, test_data, state, train_data, **feeds)
 
 
-def _fault_step(kind: str) -> int:
-  return int(_FAULT.split('@')[1]) if _FAULT.startswith(kind + '@') else -1
-
-
+# --- evaluation, data placement and records -----------------------------------------------
 def evaluate(backend: parallel.Backend, state, data: cifar.Split, config,
              test_feed: dict | None = None, tta: int = 0) -> dict:
   """Top-1/top-5 accuracy and loss over exactly every example of `data`, with test-time
@@ -98,11 +128,6 @@ def _host_blocks(train_data, config, start_step: int, sizes: list[int], k: int):
     yield stacked
 
 
-def _backend(config, devices) -> parallel.Backend:
-  return parallel.Backend(config.parallelism, devices, mesh_shape=tuple(config.mesh_shape),
-                          sharding=config.sharding)
-
-
 def _shardings(state):
   """Each leaf's sharding: what a restore must give it (checkpointing.restore)."""
   return jax.tree.map(lambda x: x.sharding, state)
@@ -150,15 +175,86 @@ def _mib(nbytes) -> str:
   return 'n/a' if nbytes is None else f'{nbytes / 2**20:.1f} MiB'
 
 
-def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
+# --- training -------------------------------------------------------------------------------
+class _Checkpoints:
+  """The loop's checkpoints: never a state that went NaN, every metrics record durable
+  before the checkpoint of its step can be, and the best-by-accuracy one apart."""
+
+  def __init__(self, workdir: str, config, backend, hooks: loop.Hooks):
+    self.manager = checkpointing.create_manager(workdir, config.checkpoint_max_to_keep)
+    self.best = checkpointing.create_best_manager(workdir)
+    self._backend, self._hooks = backend, hooks
+    self.last_saved = None
+
+  def restore(self, state):
+    restored = checkpointing.restore(self.manager, state, _shardings(state))
+    if restored is not None:
+      logging.info('Resumed from %s at step %d.', self.manager.directory, int(restored.step))
+      self.last_saved = int(restored.step)
+    return restored
+
+  def check_finite(self, carry) -> None:
+    bad = int(np.asarray(jax.device_get(carry['first_bad'])).reshape(-1)[0])
+    if bad >= 0:
+      kept = f'{self.manager.directory}/{self.last_saved}' if self.last_saved is not None \
+          else 'none yet'
+      raise UserError(f'non-finite loss or gradient norm at step {bad}; stopped without saving '
+                      f'it. Last good checkpoint (kept): {kept}. Lower --config.learning_rate '
+                      '(or turn off half_precision) and rerun to resume from it')
+
+  def save(self, state, step: int, carry, writer) -> None:
+    self.check_finite(carry)
+    writer.flush()
+    checkpointing.save(self.manager, self._backend.get_state(state), step)
+    self.last_saved = step
+    self._hooks.after_save_started(step)
+
+  def save_best(self, state, step: int, metrics: dict) -> None:
+    checkpointing.save(self.best, self._backend.get_state(state), step, metrics=metrics)
+
+  def wait(self) -> None:
+    """A save in flight lands before the process exits (also on an error: its message
+    points at the last checkpoint)."""
+    self.manager.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+    self.best.close()
+
+
+def _eval_and_record(run: Setup, state, config, writer, step: int, total_steps: int,
+                     tta: int) -> dict:
+  """A full eval at `step`, written; at the last step also the confusion matrix."""
+  metrics = evaluate(run.backend, state, run.test_data, config, run.test_feed, tta)
+  confusion = metrics.pop('confusion')
+  writer.write_scalars(step, metrics)
+  if step == total_steps:
+    _write_confusion(writer, step, confusion, config.dataset, config.report)
+  return metrics
+
+
+def _first_dispatch(backend, carry, started: float, memory: dict) -> dict:
+  """What the first train record of a launch carries: the first dispatch (one step,
+  `dispatch.schedule`) timed with its compile, and the memory statistics."""
+  jax.block_until_ready(carry)
+  record = {'compile_seconds': time.perf_counter() - started, **memory, **backend.memory}
+  logging.info('First step (compile included): %.2f s; compiled step temporaries: %s per '
+               'device.', record['compile_seconds'],
+               _mib(backend.memory.get('temp_bytes_per_device')))
+  return record
+
+
+def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
+                       hooks: loop.Hooks | None = None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest intact checkpoint.
 
   Returns the final eval metrics. Stops early (after a checkpoint) on SIGTERM
-  or SIGINT, returning {'preempted_at_step': N}.
+  or SIGINT, returning {'preempted_at_step': N}. `hooks` act between dispatches.
   """
-  # --- devices and config checks (before any data loading or compile) ---
-  devices = jax.devices()
-  config_checks.validate(config, len(devices), jax.process_count())
+  hooks = hooks or loop.Hooks()
+  # --- config and workdir checks (before any data loading or compile) ---
+  config_checks.validate(config, jax.device_count(), jax.process_count())
   is_main = jax.process_index() == 0
   saved = workdir_lib.saved_config(workdir)
   if saved is not None:
@@ -166,163 +262,86 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     if changed:
       logging.warning('Resuming with changed config fields: %s', ', '.join(changed))
   storage.makedirs(workdir)
-  cache = compilation_cache.configure(config.compilation_cache_dir)
-  logging.info('JAX %s: %d devices (%s) in %d process(es), backend %s, mesh %s, sharding %s, '
-               '%s input pipeline, %d steps per dispatch, compilation cache %s', jax.__version__,
-               len(devices), devices[0].platform, jax.process_count(), config.parallelism,
-               tuple(config.mesh_shape), config.sharding, config.input_pipeline,
-               config.steps_per_dispatch, cache or 'off')
 
-  # --- input ---
-  train_data = sources.load(config, 'train')
-  test_data = sources.load(config, 'test')
-  num_train = len(train_data.labels)
-  steps_per_epoch = cifar.steps_per_epoch(num_train, config.batch_size)
+  # --- data, devices and train state; resume from the newest intact checkpoint ---
+  run = setup(config, training=True)
+  backend, state = run.backend, run.state
+  num_train = len(run.train_data.labels)
+  epoch_steps = cifar.steps_per_epoch(num_train, config.batch_size)
   total_steps = optimizers.total_steps(config, num_train)
-  if steps_per_epoch == 0:
-    raise UserError(f'config.batch_size={config.batch_size} exceeds the {num_train} training '
-                    'examples; lower it')
-  backend = _backend(config, devices)
-  on_device = config.input_pipeline == 'device'
-  train_feed, test_feed = _put_on_devices(backend, train_data, test_data) if on_device \
-      else (None, None)
-
-  # --- model, optimizer and train state (created in place, in its sharding) ---
-  state = step_lib.create_train_state(config, jax.random.key(config.seed), num_train,
-                                      train_images=train_data.images,
-                                      layout=backend.state_shardings)
   memory = {'state_bytes_per_device': backend.state_bytes_per_device(state)}
   logging.info('Train state: %s per device (%s on a data %d x model %d mesh).',
                _mib(memory['state_bytes_per_device']), config.sharding, backend.data_size,
                backend.model_size)
-
-  # --- checkpoint: resume from the newest intact one, onto this mesh and sharding ---
-  manager = checkpointing.create_manager(workdir, config.checkpoint_max_to_keep)
-  best_manager = checkpointing.create_best_manager(workdir)
-  restored = checkpointing.restore(manager, state, _shardings(state))
-  if restored is not None:
-    state = restored
-    logging.info('Resumed from %s at step %d.', manager.directory, int(state.step))
+  checkpoints = _Checkpoints(workdir, config, backend, hooks)
+  state = checkpoints.restore(state) or state
   start_step = int(state.step)
-  last_saved = start_step if restored is not None else None
   state = backend.put_state(state)
-
-  # --- logging ---
   # Records after start_step (logged by a launch that died before checkpointing them) go:
   # those steps run again.
   writer = metric_logging.create_writer(workdir, is_main, start_step)
-  if is_main:  # Written whole (other processes may be reading it).
+  if is_main:
     workdir_lib.write_config(workdir, config)
     logging.info('%d train / %d test examples; %d steps/epoch, %d steps in all.', num_train,
-                 len(test_data.labels), steps_per_epoch, total_steps)
-  report = metric_logging.ProgressReporter(start_step, total_steps)
-
-  def check_finite():
-    bad = int(np.asarray(jax.device_get(carry['first_bad'])).reshape(-1)[0])
-    if bad >= 0:
-      kept = f'{manager.directory}/{last_saved}' if last_saved is not None else 'none yet'
-      raise UserError(f'non-finite loss or gradient norm at step {bad}; stopped without saving '
-                      f'it. Last good checkpoint (kept): {kept}. Lower --config.learning_rate '
-                      '(or turn off half_precision) and rerun to resume from it')
-
-  def save_checkpoint():
-    nonlocal last_saved
-    check_finite()  # Never save a state that went NaN.
-    writer.flush()  # Every record up to `step` is durable before its checkpoint can be.
-    checkpointing.save(manager, backend.get_state(state), step)
-    last_saved = step
-    if _fault('kill_in_save', step):
-      os.kill(os.getpid(), signal.SIGKILL)
+                 len(run.test_data.labels), epoch_steps, total_steps)
 
   # --- loop: one compiled call per dispatch of up to `steps_per_dispatch` steps ---
-  k = int(config.steps_per_dispatch)
-  profile = config_checks.profile_window(config)  # Dispatches start and stop at its ends.
-  sizes = dispatch.schedule(start_step, total_steps, k, (
+  window = config_checks.profile_window(config)  # Dispatches start and stop at its ends.
+  sizes = dispatch.schedule(start_step, total_steps, config.steps_per_dispatch, (
       config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps),
-                            boundaries=profile or ())
+                            boundaries=window or ())
   run_steps = backend.train_dispatch(config.input_pipeline, config)
-  feeds = itertools.repeat(train_feed) if on_device else \
-      backend.prefetch(_host_blocks(train_data, config, start_step, sizes, k), put=backend.put_batches)
-  poison = backend.put_scalar(_fault_step('nan'))
-  carry = backend.put_state(dispatch.new_carry())
-  eval_metrics, result = {}, None
-  first_record = {}  # What only the first train record of this launch carries.
-  summed_steps, t_log = 0, time.perf_counter()
-  step = start_step
-  tracing = False  # Inside the profiler window.
-  with preemption.PreemptionGuard() as guard, _profile_dir(workdir, bool(profile)) as profile_dir:
+  feeds = itertools.repeat(run.train_feed) if run.train_feed is not None else backend.prefetch(
+      _host_blocks(run.train_data, config, start_step, sizes, config.steps_per_dispatch),
+      put=backend.put_batches)
+  meter, progress = loop.TrainMeter(backend), loop.Progress(start_step, total_steps)
+  step, first_record, eval_metrics, result = start_step, {}, {}, None
+  with preemption.PreemptionGuard() as guard, _profile_dir(workdir, bool(window)) as traces:
+    profiler = loop.ProfileWindow(window, traces, workdir)
     try:
-      for dispatch_index, n in enumerate(sizes):
+      for index, n in enumerate(sizes):
         feed = next(feeds)  # (The host pipeline's start-up is not compile time.)
-        if profile and step == profile[0]:
-          jax.block_until_ready(carry)
-          tracing = True
-          jax.profiler.start_trace(profile_dir)  # -> plugins/profile/<time>/*.xplane.pb
-          logging.info('Profiling steps %d..%d into %s/plugins/profile.', step + 1, profile[1],
-                       workdir)
-        t_dispatch = time.perf_counter()
-        state, carry = run_steps(state, carry, feed, n, poison)
-        if tracing and step + n == profile[1]:
-          jax.block_until_ready(carry)
-          jax.profiler.stop_trace()
-          tracing = False
-        if dispatch_index == 0:  # One step (dispatch.schedule): compile + one step.
-          jax.block_until_ready(carry)
-          first_record['compile_seconds'] = time.perf_counter() - t_dispatch
-          first_record.update(memory, **backend.memory)
-          logging.info('First step (compile included): %.2f s; compiled step temporaries: %s '
-                       'per device.', first_record['compile_seconds'],
-                       _mib(backend.memory.get('temp_bytes_per_device')))
+        profiler.before(step, meter.carry)
+        started = time.perf_counter()
+        state, carry = run_steps(state, meter.carry, feed, n)
         step += n
-        summed_steps += n
-        report(step)
-        if _fault('sigterm', step):
-          os.kill(os.getpid(), signal.SIGTERM)
-        if step % config.log_every_steps == 0 or step == total_steps:
-          check_finite()
-          sums = backend.to_host(carry['sums'])  # Syncs here only.
-          host = {name: total / summed_steps for name, total in sums.items()}
-          host['images_per_sec'] = summed_steps * config.batch_size / (time.perf_counter() - t_log)
-          host['epoch'] = step / steps_per_epoch
-          writer.write_scalars(step, {**host, **first_record})
+        meter.add(carry, n)
+        profiler.after(step, carry)
+        if index == 0:
+          first_record = _first_dispatch(backend, carry, started, memory)
+        progress.dispatched(step, carry['first_bad'])
+        if loop.itstime(step, config.log_every_steps, total_steps):
+          checkpoints.check_finite(carry)
+          writer.write_scalars(step, {**meter.record(config.batch_size),
+                                      'epoch': step / epoch_steps, **first_record})
           first_record = {}
-          carry = backend.put_state(dispatch.new_carry())
-          summed_steps = 0
-          t_log = time.perf_counter()
-        if step % config.eval_every_steps == 0 or step == total_steps:
-          check_finite()
-          tta = config.tta if step == total_steps or config.tta_every_eval else 0
-          eval_metrics = evaluate(backend, state, test_data, config, test_feed, tta)
-          confusion = eval_metrics.pop('confusion')
-          writer.write_scalars(step, eval_metrics)
-          if step == total_steps:
-            _write_confusion(writer, step, confusion, config.dataset, config.report)
-          checkpointing.save(best_manager, backend.get_state(state), step, metrics=eval_metrics)
-          t_log = time.perf_counter()
-        if step % config.checkpoint_every_steps == 0 or step == total_steps:
-          save_checkpoint()
-          t_log = time.perf_counter()
-        if step < total_steps and guard.stop_requested(dispatch_index):
-          if last_saved != step:
-            save_checkpoint()
-          logging.warning('%s received: stopped after step %d and saved a checkpoint in %s; rerun '
-                          'the same command to resume.', guard.signal_name, step, manager.directory)
-          result = {'preempted_at_step': float(step)}
-          break
+        with meter.paused():
+          if loop.itstime(step, config.eval_every_steps, total_steps):
+            checkpoints.check_finite(carry)
+            tta = config.tta if step == total_steps or config.tta_every_eval else 0
+            eval_metrics = _eval_and_record(run, state, config, writer, step, total_steps, tta)
+            checkpoints.save_best(state, step, eval_metrics)
+          if loop.itstime(step, config.checkpoint_every_steps, total_steps):
+            checkpoints.save(state, step, carry, writer)
+          state = hooks.after_dispatch(step, state)
+          if step < total_steps and guard.stop_requested(index):
+            if checkpoints.last_saved != step:
+              checkpoints.save(state, step, carry, writer)
+            logging.warning('%s received: stopped after step %d and saved a checkpoint in %s; '
+                            'rerun the same command to resume.', guard.signal_name, step,
+                            checkpoints.manager.directory)
+            result = {'preempted_at_step': float(step)}
+            break
 
       # Still inside the guard: a second Ctrl-C while the last save finishes exits at once.
       if result is None and not eval_metrics:  # Nothing left to train: still report the eval.
-        eval_metrics = evaluate(backend, state, test_data, config, test_feed, config.tta)
-        confusion = eval_metrics.pop('confusion')
-        writer.write_scalars(total_steps, eval_metrics)
-        _write_confusion(writer, total_steps, confusion, config.dataset, config.report)
+        eval_metrics = _eval_and_record(run, state, config, writer, total_steps, total_steps,
+                                        config.tta)
     finally:
-      # Also on an error (e.g. NaN): a save in flight must land before the process exits,
-      # since the error message points at it.
-      manager.wait_until_finished()
-      best_manager.wait_until_finished()
-  manager.close()
-  best_manager.close()
+      checkpoints.wait()
+
+  # --- finish ---
+  checkpoints.close()
   writer.flush()
   writer.close()
   if is_main and result is None and config.report:
@@ -332,26 +351,21 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
   """Evaluates a checkpoint of `workdir` on the full test split; writes nothing there."""
-  devices = jax.devices()
-  config_checks.validate(config, len(devices), jax.process_count())
+  config_checks.validate(config, jax.device_count(), jax.process_count())
   directory = checkpointing.checkpoints_dir(workdir)
   if not directory.exists():
     raise UserError(f'{directory} does not exist; train first, or point --workdir at a run')
-  compilation_cache.configure(config.compilation_cache_dir)
-  test_data = sources.load(config, 'test')
-  backend = _backend(config, devices)
-  test_feed = _put_on_devices(backend, test_data)[0] if config.input_pipeline == 'device' else None
-  template = step_lib.create_train_state(config, jax.random.key(config.seed),
-                                         layout=backend.state_shardings)
+  run = setup(config, training=False)
   manager = checkpointing.open_read_only(workdir)
   wanted = config.checkpoint_step if config.checkpoint_step >= 0 else None
-  state = checkpointing.restore(manager, template, _shardings(template), step=wanted)
+  state = checkpointing.restore(manager, run.state, _shardings(run.state), step=wanted)
+  manager.close()
   if state is None:
     raise UserError(f'{directory} holds no checkpoint; train first')
   step = int(state.step)
-  metrics = evaluate(backend, backend.put_state(state), test_data, config, test_feed, config.tta)
+  metrics = evaluate(run.backend, run.backend.put_state(state), run.test_data, config,
+                     run.test_feed, config.tta)
   metrics.pop('confusion')
   logging.info('Eval of %s/%d%s: %s', directory, step,
                ' (EMA weights)' if state.ema_params is not None else '', metrics)
-  manager.close()
   return {'checkpoint_step': float(step), **metrics}

@@ -1,6 +1,7 @@
 """Shared by the tests that run main.py in subprocesses."""
 import os
 import socket
+import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -10,16 +11,20 @@ JAX_CACHE = os.path.join(tempfile.gettempdir(), 'cifar_jax_tests_jax_cache')
 CACHE_FLAG = f'--config.compilation_cache_dir={JAX_CACHE}'  # Not ~/.cache/cifar_jax.
 
 
-def subprocess_env(devices=8, fault=None):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='',
-             JAX_COMPILATION_CACHE_DIR=JAX_CACHE,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  env.pop('CIFAR_JAX_TEST_FAULT', None)
+def subprocess_env(devices=8):
+  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+              JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='',
+              JAX_COMPILATION_CACHE_DIR=JAX_CACHE,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+
+
+def main_command(fault: str | None = None) -> list[str]:
+  """`python main.py`, or with `fault` ('KIND@STEP') tests/fault_main.py, which runs it
+  with that fault injected."""
   if fault:
-    env['CIFAR_JAX_TEST_FAULT'] = fault
-  return env
+    return [sys.executable, os.path.join(ROOT, 'tests', 'fault_main.py'), f'--fault={fault}']
+  return [sys.executable, 'main.py']
 
 
 def free_port() -> int:

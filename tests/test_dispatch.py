@@ -29,12 +29,16 @@ def setup():
   return config, data
 
 
-def _train(backend, config, feed, pipeline, sizes, poison=-1):
+def _train(backend, config, feed, pipeline, sizes, poison_after=None):
+  """`poison_after`: the dispatch after which the parameters become NaN (as the tests'
+  fault hook does between dispatches)."""
   run = backend.train_dispatch(pipeline, config)
   state = backend.put_state(create_train_state(config, jax.random.key(0), 128))
   carry = backend.put_state(dispatch.new_carry())
-  for n, block in zip(sizes, feed):
-    state, carry = run(state, carry, block, n, backend.put_scalar(poison))
+  for index, (n, block) in enumerate(zip(sizes, feed)):
+    state, carry = run(state, carry, block, n)
+    if index == poison_after:
+      state = state.replace(params=jax.tree.map(lambda p: p * np.nan, state.params))
   return jax.device_get(backend.get_state(state)), jax.device_get(carry)
 
 
@@ -78,7 +82,7 @@ def test_the_first_non_finite_step_is_tracked_on_the_device(setup, name, loop):
   config, data = setup
   backend = parallel.Backend(name, loop_dispatch=loop)
   feed = backend.put_data({'images': data.images, 'labels': data.labels})
-  state, carry = _train(backend, config, [feed] * 2, 'device', [3, 5], poison=6)
+  state, carry = _train(backend, config, [feed] * 2, 'device', [5, 3], poison_after=0)
   first_bad = np.asarray(carry['first_bad']).reshape(-1)[0]
   assert first_bad == 6 and int(np.ravel(state.step)[0]) == 8
   assert not np.isfinite(np.asarray(carry['sums']['train_loss']).reshape(-1)[0])

@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import CACHE_FLAG, ROOT, checkpoint_arrays, logged_steps, subprocess_env
+from helpers import CACHE_FLAG, ROOT, checkpoint_arrays, logged_steps, main_command, subprocess_env
 from helpers import metrics_records as records
 
 from cifar_jax import metric_logging
@@ -35,8 +35,8 @@ _env = subprocess_env
 
 
 def run(workdir, *extra, devices=8, fault=None, timeout=300, env=None):
-  return subprocess.run([sys.executable, 'main.py', f'--workdir={workdir}', *ARGS, *extra],
-                        cwd=ROOT, env={**_env(devices, fault), **(env or {})},
+  return subprocess.run([*main_command(fault), f'--workdir={workdir}', *ARGS, *extra],
+                        cwd=ROOT, env={**_env(devices), **(env or {})},
                         capture_output=True, text=True, timeout=timeout)
 
 
@@ -391,8 +391,8 @@ AIRBENCH_ARGS = ['--config=configs/airbench.py', '--config.model_widths=(8, 16, 
 
 
 def run_airbench(workdir, fault=None):
-  return subprocess.run([sys.executable, 'main.py', f'--workdir={workdir}', *AIRBENCH_ARGS],
-                        cwd=ROOT, env=_env(2, fault), capture_output=True, text=True, timeout=300)
+  return subprocess.run([*main_command(fault), f'--workdir={workdir}', *AIRBENCH_ARGS],
+                        cwd=ROOT, env=_env(2), capture_output=True, text=True, timeout=300)
 
 
 def test_airbench_config_trains_and_resumes_bit_identical_with_its_whitening(tmp_path):

@@ -188,7 +188,7 @@ class Backend:
                    donate_argnums=donate)
 
   def train_dispatch(self, pipeline: str, config):
-    """`run(state, carry, feed, num_steps, poison_step) -> (state, carry)`: one dispatch.
+    """`run(state, carry, feed, num_steps) -> (state, carry)`: one dispatch.
 
     `feed` is a block of host batches (`put_batches`) or the device-resident
     train split (`put_data`); see `dispatch.train_steps`. With `loop_dispatch`
@@ -198,15 +198,14 @@ class Backend:
     if key not in self._dispatch_cache:
       sync, loop = self.name == 'pmap', self.loop_dispatch
 
-      def fn(state, carry, feed, first, last, poison_step, axis_name, constrain=None):
+      def fn(state, carry, feed, first, last, axis_name, constrain=None):
         make_batch = dispatch.make_batch_fn(pipeline, config, axis_name, constrain)
-        return dispatch.train_steps(state, carry, feed, first, last, poison_step,
-                                    make_batch=make_batch, axis_name=axis_name, sync_grads=sync,
-                                    loop=loop)
+        return dispatch.train_steps(state, carry, feed, first, last, make_batch=make_batch,
+                                    axis_name=axis_name, sync_grads=sync, loop=loop)
 
       feed_kind = 'batches' if pipeline == 'host' else 'data'
-      jitted = self.compile(fn, ('train_state', 'state', feed_kind, 'scalar', 'scalar',
-                                 'scalar'), ('train_state', 'state'), donate=(0, 1))
+      jitted = self.compile(fn, ('train_state', 'state', feed_kind, 'scalar', 'scalar'),
+                            ('train_state', 'state'), donate=(0, 1))
       executable = []
 
       def compiled(*args):
@@ -221,13 +220,11 @@ class Backend:
         except TypeError:  # Raised before anything runs or is donated.
           return jitted(*args)
 
-      def run(state, carry, feed, num_steps, poison_step):
+      def run(state, carry, feed, num_steps):
         if loop:
-          return compiled(state, carry, feed, self.put_scalar(0), self.put_scalar(num_steps),
-                          poison_step)
+          return compiled(state, carry, feed, self.put_scalar(0), self.put_scalar(num_steps))
         for i in range(num_steps):
-          state, carry = compiled(state, carry, feed, self.put_scalar(i), self.put_scalar(i + 1),
-                                  poison_step)
+          state, carry = compiled(state, carry, feed, self.put_scalar(i), self.put_scalar(i + 1))
         return state, carry
 
       self._dispatch_cache[key] = run
