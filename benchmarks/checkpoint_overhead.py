@@ -40,7 +40,7 @@ def timed_steps(backend, state, batch, n):
 
 def main(_):
   config = FLAGS.config
-  backend = parallel.Backend(config.parallelism)
+  backend = parallel.create_backend(config.parallelism)
   state = backend.put_state(step_lib.create_train_state(config, jax.random.key(0)))
   size_mb = sum(x.nbytes for x in jax.tree.leaves(backend.get_state(state))) / 2**20
   rs = np.random.RandomState(0)

@@ -74,8 +74,8 @@ def main(_):
     dirs += [tempfile.mkdtemp(prefix='bench_'), 'gs://bench/run']
   from cifar_jax import parallel, step as step_lib  # pylint: disable=import-outside-toplevel
   config = FLAGS.config
-  backend = parallel.Backend(config.parallelism, jax.devices(), sharding=config.sharding)
-  state = step_lib.create_train_state(config, jax.random.key(0), layout=backend.state_shardings)
+  backend = parallel.create_backend(config.parallelism, jax.devices(), sharding=config.sharding)
+  state = step_lib.create_train_state(config, jax.random.key(0), layout=backend.state_layout)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   mib = sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20
   print(f'{config.model}: train state {mib:.1f} MiB, {len(jax.tree.leaves(state))} arrays, '

@@ -1,5 +1,5 @@
 """XLA:CPU convolutions before/after: the bare train step with YNNPACK (jaxlib's default) and
-with XLA's own convolutions (what main.py picks, see cifar_jax/xla_cpu.py), side by side.
+with XLA's own convolutions (what main.py picks, see cifar_jax/runtime/xla_cpu.py), side by side.
 
   python benchmarks/cpu_convolutions.py --config=configs/cpu.py
   python benchmarks/cpu_convolutions.py --config=configs/cpu.py --config.model=resnet20

@@ -3,7 +3,7 @@
   python benchmarks/cpu_loop.py                      # 3x3 64->64 at batch 16, as jax-ml/jax#12868
   python benchmarks/cpu_loop.py --channels=256 --batch=64
 
-Why `parallel.Backend(loop_dispatch=None)` runs a dispatch's steps as separate calls on CPU
+Why `parallel.create_backend(loop_dispatch=None)` runs a dispatch's steps as separate calls on CPU
 (and in one compiled loop elsewhere): XLA:CPU has run a convolution's weight gradient tens of
 times slower inside a loop body than outside it. Both rows do the same SGD steps on the same
 arrays, in one process, one after the other; the ratio says whether the workaround is still

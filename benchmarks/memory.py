@@ -12,9 +12,9 @@ out with `parallel.sharding`, compiles the jitted train step for the mesh and pr
 Runs on CPU with simulated devices by default, so a TPU slice can be sized before it
 is rented. XLA:CPU's temporaries are its own buffer assignment: the state column is
 exact on every platform; the temp column on TPU/GPU differs (and there remat lowers
-it; XLA:CPU undoes remat, see README "Large models").
+it; XLA:CPU undoes remat, see docs/large_models.md).
 
-  python benchmarks/memory.py                                      # the README table
+  python benchmarks/memory.py                                      # the table in docs/large_models.md
   python benchmarks/memory.py --models=vit_base --meshes=8x1,2x4 --remat=none,block
 """
 from __future__ import annotations
@@ -74,9 +74,9 @@ def main():
                         ema_decay=args.ema_decay, remat=remat, mesh_shape=mesh_shape,
                         sharding=sharding, half_precision=args.half_precision,
                         micro_batches=args.micro_batches)
-          backend = parallel.Backend('jit', mesh_shape=mesh_shape, sharding=sharding)
+          backend = parallel.create_backend('jit', mesh_shape=mesh_shape, sharding=sharding)
           state = jax.eval_shape(lambda c=config: create_train_state(c, jax.random.key(0)))
-          shardings = backend.state_shardings(state)
+          shardings = backend.state_layout(state)
           batch = {'image': jax.ShapeDtypeStruct((args.batch_size, 32, 32, 3), jnp.float32),
                    'label': jax.ShapeDtypeStruct((args.batch_size,), jnp.int32)}
           rows = NamedSharding(backend.mesh, P(parallel.AXIS))

@@ -47,7 +47,7 @@ FLAGS = flags.FLAGS
 
 def bare_step(config, steps, warmup):
   """(images/sec, compile seconds) of the compiled step on a device-resident batch."""
-  backend = parallel.Backend(config.parallelism)
+  backend = parallel.create_backend(config.parallelism)
   state = backend.put_state(step_lib.create_train_state(config, jax.random.key(0)))
   rs = np.random.RandomState(0)
   batch = backend.put_batch({
@@ -86,7 +86,7 @@ def whole_loop(config, steps, warmup, pipeline, steps_per_dispatch):
 
 def input_capacity(config, pipeline, num_batches):
   """Images/sec a pipeline delivers as device arrays ready for a step (no model)."""
-  backend = parallel.Backend(config.parallelism)
+  backend = parallel.create_backend(config.parallelism)
   data = data_sources.load(config, 'train')
   if pipeline == 'host':
     from cifar_jax.data import host_pipeline as input_pipeline  # pylint: disable=import-outside-toplevel
@@ -102,7 +102,8 @@ def input_capacity(config, pipeline, num_batches):
                                   constrain=constrain)
     return batch['image'], batch['label']
 
-  compiled = backend.compile(make, ('data', 'scalar'), ('rows', 'rows'))
+  kind = parallel.Kind
+  compiled = backend.compile(make, (kind.DATA, kind.SCALAR), (kind.ROWS, kind.ROWS))
   feed = backend.put_data({'images': data.images, 'labels': data.labels})
   steps = [backend.put_scalar(s) for s in range(num_batches + 1)]
   jax.block_until_ready(compiled(feed, steps[-1]))

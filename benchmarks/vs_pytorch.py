@@ -8,7 +8,7 @@
 Rows, each the bare train step (one fixed batch, no input pipeline, float32, one
 device) timed in its own child process, one after the other:
 - ours, jaxlib's default XLA:CPU convolutions (YNNPACK): before;
-- ours, XLA's own convolutions (what main.py picks, cifar_jax/xla_cpu.py): after;
+- ours, XLA's own convolutions (what main.py picks, cifar_jax/runtime/xla_cpu.py): after;
 - PyTorch NCHW and PyTorch channels_last (benchmarks/torch_reference.py).
 Each of ours is also given as a ratio to PyTorch channels_last (>= 1.0: as fast).
 Our step carries what the config trains with (parameter groups, Lookahead); the

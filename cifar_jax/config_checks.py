@@ -45,11 +45,21 @@ def _positive(config, field, allow_zero=False):
 
 def validate(config, num_devices: int, process_count: int = 1) -> None:
   """Raises UserError for the first problem in `config` for `num_devices` devices."""
+  _check_choices(config)
+  _check_numbers(config)
+  _check_processes_and_tensorflow(config, process_count)
+  profile_window(config)  # Raises UserError on a malformed window.
+  _check_batch(config, num_devices, process_count)
+  _check_data(config)
+
+
+def _check_choices(config) -> None:
+  """Every enumerated field, and what the model supports."""
   _choice(config, 'model', sorted(models.MODELS))
   _choice(config, 'dataset', cifar.DATASETS)
   _choice(config, 'data_source', sources.SOURCES)
   _choice(config, 'input_pipeline', INPUT_PIPELINES)
-  _choice(config, 'parallelism', parallel.BACKENDS)
+  _choice(config, 'parallelism', tuple(parallel.BACKENDS))
   _choice(config, 'optimizer', optimizers.OPTIMIZERS)
   _choice(config, 'lr_schedule', optimizers.SCHEDULES)
   _choice(config, 'lr_units', optimizers.LR_UNITS)
@@ -75,6 +85,9 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
     if not all(isinstance(w, int) and w > 0 for w in widths):
       raise UserError(f'config.model_widths={widths} must be positive integers, e.g. '
                       '--config.model_widths="(64, 256, 256)"')
+
+
+def _check_numbers(config) -> None:
   if not 0 <= config.crop_padding <= 31 or int(config.crop_padding) != config.crop_padding:
     raise UserError(f'config.crop_padding={config.crop_padding!r} must be an integer in 0..31')
   for field in ('batch_size', 'eval_batch_size', 'log_every_steps', 'eval_every_steps',
@@ -84,6 +97,16 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
   for field in ('warmup_epochs', 'weight_decay', 'momentum', 'cutout', 'num_synthetic_examples',
                 'bn_bias_lr_multiplier', 'whiten_bias_epochs', 'lookahead_every'):
     _positive(config, field, allow_zero=True)
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise UserError('config.num_epochs and config.num_train_steps are both <= 0; '
+                    'set --config.num_epochs=N or --config.num_train_steps=N')
+  for field in ('ema_decay', 'label_smoothing', 'lookahead_decay', 'lr_end_fraction'):
+    if not 0.0 <= config.get(field) < 1.0:
+      raise UserError(f'config.{field}={config.get(field)!r} must be in [0, 1); '
+                      f'set --config.{field}=0 to turn it off')
+
+
+def _check_processes_and_tensorflow(config, process_count: int) -> None:
   if config.parallelism == 'pmap' and process_count > 1:
     raise UserError(f'config.parallelism=pmap runs in one process only, but this job has '
                     f'{process_count}; use --config.parallelism=shard_map (or jit)')
@@ -102,7 +125,10 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
       raise UserError(f'config.data_source=tfds needs TensorFlow Datasets ({e}); install it '
                       '(pip install -r requirements.txt) or use --config.data_source=archive '
                       'with --config.data_dir=<folder with the CIFAR .tar.gz>') from None
-  profile_window(config)  # Raises UserError on a malformed window.
+
+
+def _check_batch(config, num_devices: int, process_count: int) -> None:
+  """The global batch splits over the data axis (and its micro-batches) and the processes."""
   data = _check_mesh(config, num_devices, process_count)
   micro = config.get('micro_batches')
   if not isinstance(micro, int) or micro < 1:
@@ -121,13 +147,9 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
                       f'use a multiple of {unit}, e.g. --config.{field}={fix}')
     if value % process_count:
       raise UserError(f'config.{field}={value} is not divisible by the {process_count} processes')
-  if config.num_train_steps <= 0 and config.num_epochs <= 0:
-    raise UserError('config.num_epochs and config.num_train_steps are both <= 0; '
-                    'set --config.num_epochs=N or --config.num_train_steps=N')
-  for field in ('ema_decay', 'label_smoothing', 'lookahead_decay', 'lr_end_fraction'):
-    if not 0.0 <= config.get(field) < 1.0:
-      raise UserError(f'config.{field}={config.get(field)!r} must be in [0, 1); '
-                      f'set --config.{field}=0 to turn it off')
+
+
+def _check_data(config) -> None:
   if config.data_source == 'archive':
     if not config.data_dir:
       raise UserError('config.data_dir is empty but data_source=archive needs it; '

@@ -59,7 +59,7 @@ def create_train_state(config, rng: jax.Array, num_train_examples: int | None = 
   initialize data-dependent layers (`models.airbench.Whitening`); without them those
   keep their random init, which is fine for a template a checkpoint overwrites.
   `layout` maps the abstract state to its shardings (e.g.
-  `parallel.Backend.state_shardings`): the state is then created in place,
+  `parallel.Backend.state_layout`): the state is then created in place,
   sharded, never whole on one device. The values do not depend on the layout
   (JAX's partitionable threefry).
   """

@@ -44,17 +44,17 @@ def setup(config, training: bool) -> Setup:
   cache = compilation_cache.configure(config.compilation_cache_dir)
   devices = jax.devices()
   logging.info('JAX %s: %d devices (%s) in %d process(es), backend %s, mesh %s, sharding %s, '
-               '%s input pipeline, %d steps per dispatch, compilation cache %s', jax.__version__,
-               len(devices), devices[0].platform, jax.process_count(), config.parallelism,
-               tuple(config.mesh_shape), config.sharding, config.input_pipeline,
-               config.steps_per_dispatch, cache or 'off')
+               '%s input pipeline, %d steps per dispatch, compilation cache %s',
+               jax.__version__, len(devices), devices[0].platform, jax.process_count(),
+               config.parallelism, tuple(config.mesh_shape), config.sharding,
+               config.input_pipeline, config.steps_per_dispatch, cache or 'off')
   train_data = sources.load(config, 'train') if training else None
   test_data = sources.load(config, 'test')
   if training and cifar.steps_per_epoch(len(train_data.labels), config.batch_size) == 0:
     raise UserError(f'config.batch_size={config.batch_size} exceeds the '
                     f'{len(train_data.labels)} training examples; lower it')
-  backend = parallel.Backend(config.parallelism, devices, mesh_shape=tuple(config.mesh_shape),
-                             sharding=config.sharding)
+  backend = parallel.create_backend(config.parallelism, devices,
+                                    mesh_shape=tuple(config.mesh_shape), sharding=config.sharding)
   feeds = {}
   if config.input_pipeline == 'device':
     splits = {'train_feed': train_data, 'test_feed': test_data} if training else \
@@ -62,13 +62,13 @@ def setup(config, training: bool) -> Setup:
     feeds = dict(zip(splits, _put_on_devices(backend, *splits.values())))
   state = step_lib.create_train_state(
       config, jax.random.key(config.seed), len(train_data.labels) if training else None,
-      train_images=train_data.images if training else None, layout=backend.state_shardings)
+      train_images=train_data.images if training else None, layout=backend.state_layout)
   return Setup(backend, test_data, state, train_data, **feeds)
 
 
 # --- evaluation, data placement and records -----------------------------------------------
 def evaluate(backend: parallel.Backend, state, data: cifar.Split, config,
-             test_feed: dict | None = None, tta: int = 0) -> dict:
+             test_feed: dict | None = None, tta: int = 0, layout=None) -> dict:
   """Top-1/top-5 accuracy and loss over exactly every example of `data`, with test-time
   augmentation level `tta` (`step.tta_logits`; recorded as `eval_tta`).
 
@@ -77,10 +77,11 @@ def evaluate(backend: parallel.Backend, state, data: cifar.Split, config,
   rounded up to a multiple of the device count; the padding is masked, so the
   result does not depend on it. With several processes each reads its slice of
   every batch; the sums are global arrays, so every process gets the totals over
-  the whole split.
+  the whole split. `layout`: the state's (default: `backend.state_layout(state)`).
   """
+  layout = backend.state_layout(state) if layout is None else layout
   if test_feed is not None:
-    totals = backend.eval_dispatch(config, tta)(state, test_feed)
+    totals = backend.eval_dispatch(config, tta, layout)(state, test_feed)
   else:
     from cifar_jax.data import host_pipeline  # pylint: disable=g-import-not-at-top
     batch_size = backend.eval_batch_size(config.eval_batch_size)
@@ -88,7 +89,7 @@ def evaluate(backend: parallel.Backend, state, data: cifar.Split, config,
     local = host_pipeline.eval_batches(data, config.dataset, batch_size, jax.process_index(),
                                         jax.process_count())
     for batch in backend.prefetch(local):
-      sums = backend.eval_step(state, batch, tta)
+      sums = backend.eval_step(state, batch, tta, layout)
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = backend.to_host(totals)
   count = totals['count']
@@ -223,10 +224,10 @@ class _Checkpoints:
     self.best.close()
 
 
-def _eval_and_record(run: Setup, state, config, writer, step: int, total_steps: int,
+def _eval_and_record(run: Setup, state, layout, config, writer, step: int, total_steps: int,
                      tta: int) -> dict:
   """A full eval at `step`, written; at the last step also the confusion matrix."""
-  metrics = evaluate(run.backend, state, run.test_data, config, run.test_feed, tta)
+  metrics = evaluate(run.backend, state, run.test_data, config, run.test_feed, tta, layout)
   confusion = metrics.pop('confusion')
   writer.write_scalars(step, metrics)
   if step == total_steps:
@@ -245,17 +246,9 @@ def _first_dispatch(backend, carry, started: float, memory: dict) -> dict:
   return record
 
 
-def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
-                       hooks: loop.Hooks | None = None) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest intact checkpoint.
-
-  Returns the final eval metrics. Stops early (after a checkpoint) on SIGTERM
-  or SIGINT, returning {'preempted_at_step': N}. `hooks` act between dispatches.
-  """
-  hooks = hooks or loop.Hooks()
-  # --- config and workdir checks (before any data loading or compile) ---
+def _check_config_and_workdir(config, workdir: str, allow_config_change: bool) -> None:
+  """The config, and that it may resume the run in `workdir` (if there is one)."""
   config_checks.validate(config, jax.device_count(), jax.process_count())
-  is_main = jax.process_index() == 0
   saved = workdir_lib.saved_config(workdir)
   if saved is not None:
     changed = config_checks.check_resume(saved, config, allow_config_change)
@@ -263,12 +256,27 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
       logging.warning('Resuming with changed config fields: %s', ', '.join(changed))
   storage.makedirs(workdir)
 
+
+def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
+                       hooks: loop.Hooks | None = None) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest intact checkpoint.
+
+  Returns the final eval metrics. Stops early (after a checkpoint) on SIGTERM
+  or SIGINT, returning {'preempted_at_step': N}. `hooks` act between dispatches.
+  Longer than a screen on purpose: setup, the loop and the finish read top to bottom
+  in one place, each concern a named helper (`loop`, `_Checkpoints`).
+  """
+  hooks = hooks or loop.Hooks()
+  _check_config_and_workdir(config, workdir, allow_config_change)  # Before any data or compile.
+  is_main = jax.process_index() == 0
+
   # --- data, devices and train state; resume from the newest intact checkpoint ---
   run = setup(config, training=True)
   backend, state = run.backend, run.state
   num_train = len(run.train_data.labels)
   epoch_steps = cifar.steps_per_epoch(num_train, config.batch_size)
   total_steps = optimizers.total_steps(config, num_train)
+  layout = backend.state_layout(state)  # Every compiled function and placement takes it.
   memory = {'state_bytes_per_device': backend.state_bytes_per_device(state)}
   logging.info('Train state: %s per device (%s on a data %d x model %d mesh).',
                _mib(memory['state_bytes_per_device']), config.sharding, backend.data_size,
@@ -276,7 +284,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
   checkpoints = _Checkpoints(workdir, config, backend, hooks)
   state = checkpoints.restore(state) or state
   start_step = int(state.step)
-  state = backend.put_state(state)
+  state = backend.put_state(state, layout)
   # Records after start_step (logged by a launch that died before checkpointing them) go:
   # those steps run again.
   writer = metric_logging.create_writer(workdir, is_main, start_step)
@@ -290,7 +298,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
   sizes = dispatch.schedule(start_step, total_steps, config.steps_per_dispatch, (
       config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps),
                             boundaries=window or ())
-  run_steps = backend.train_dispatch(config.input_pipeline, config)
+  run_steps = backend.train_dispatch(config.input_pipeline, config, layout)
   feeds = itertools.repeat(run.train_feed) if run.train_feed is not None else backend.prefetch(
       _host_blocks(run.train_data, config, start_step, sizes, config.steps_per_dispatch),
       put=backend.put_batches)
@@ -319,7 +327,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
           if loop.itstime(step, config.eval_every_steps, total_steps):
             checkpoints.check_finite(carry)
             tta = config.tta if step == total_steps or config.tta_every_eval else 0
-            eval_metrics = _eval_and_record(run, state, config, writer, step, total_steps, tta)
+            eval_metrics = _eval_and_record(run, state, layout, config, writer, step, total_steps,
+                                            tta)
             checkpoints.save_best(state, step, eval_metrics)
           if loop.itstime(step, config.checkpoint_every_steps, total_steps):
             checkpoints.save(state, step, carry, writer)
@@ -335,8 +344,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
 
       # Still inside the guard: a second Ctrl-C while the last save finishes exits at once.
       if result is None and not eval_metrics:  # Nothing left to train: still report the eval.
-        eval_metrics = _eval_and_record(run, state, config, writer, total_steps, total_steps,
-                                        config.tta)
+        eval_metrics = _eval_and_record(run, state, layout, config, writer, total_steps,
+                                        total_steps, config.tta)
     finally:
       checkpoints.wait()
 
@@ -363,8 +372,9 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   if state is None:
     raise UserError(f'{directory} holds no checkpoint; train first')
   step = int(state.step)
-  metrics = evaluate(run.backend, run.backend.put_state(state), run.test_data, config,
-                     run.test_feed, config.tta)
+  layout = run.backend.state_layout(state)
+  metrics = evaluate(run.backend, run.backend.put_state(state, layout), run.test_data, config,
+                     run.test_feed, config.tta, layout)
   metrics.pop('confusion')
   logging.info('Eval of %s/%d%s: %s', directory, step,
                ' (EMA weights)' if state.ema_params is not None else '', metrics)

@@ -15,7 +15,7 @@ EXPECTED: airbench's published result is 94.01% mean accuracy (TTA 2) in 3.83 s 
   (PyTorch). Not yet measured with this config on a GPU. The race against airbench's own
   train94 on the same GPU and pixels is one command:
     python benchmarks/vs_airbench.py --config.data_dir=/path/to/folder --runs=5 --throughput
-  Its mean accuracy, mean training time, GPU model and versions belong here and in README.
+  Its mean accuracy, mean training time, GPU model and versions belong here and in docs/time_to_accuracy.md.
 """
 from configs import default
 

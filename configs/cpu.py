@@ -4,7 +4,7 @@ COMMAND (offline, from the official archive or its extracted folder):
   python main.py --config=configs/cpu.py --workdir=/tmp/cifar10_cpu \
       --config.data_dir=/path/to/folder/with/cifar-10-binary.tar.gz
 EXPECTED (measured 2026-11-24 on a 2-core CPU, 1 XLA CPU device, JAX 0.10.2, XLA's own CPU
-  convolutions (cifar_jax/xla_cpu.py), on a JPEG-75 re-encoded copy of CIFAR-10, whose
+  convolutions (cifar_jax/runtime/xla_cpu.py), on a JPEG-75 re-encoded copy of CIFAR-10, whose
   accuracies run a little below the original):
   90.24% test accuracy (10,000 images, TTA 2; 89.31% without TTA) after 8 epochs / 776
   steps, 25.3 minutes wall time for the whole command (data load, compile, 8 evals included);

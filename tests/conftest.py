@@ -18,24 +18,13 @@ os.environ.setdefault('EPATH_USE_TF', 'false')
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from configs import default  # pylint: disable=wrong-import-position
+import helpers  # pylint: disable=wrong-import-position
 
 
 @pytest.fixture
 def small_config():
   """A config that trains in seconds: fast_cnn on small synthetic data."""
-  config = default.get_config()
-  config.model = 'fast_cnn'
-  config.data_source = 'synthetic'
-  config.num_synthetic_examples = 256
-  config.batch_size = 32
-  config.eval_batch_size = 48
-  config.num_train_steps = 4
-  config.warmup_epochs = 0.0
-  config.learning_rate = 0.2
-  config.ema_decay = 0.9
-  config.label_smoothing = 0.1
-  return config
+  return helpers.small_config()
 
 
 @pytest.fixture(scope='session')
@@ -57,3 +46,24 @@ def gcs(gcs_server):
   yield gcs_server
   gcs_emulator.restore_env(previous)
   assert gcs_server.non_loopback_connections()[before:] == []
+
+
+_buckets = iter(range(10**6))
+
+
+@pytest.fixture(params=['local', 'gs'])
+def root(request, tmp_path):
+  """A directory on each kind of storage: local, and a fresh gs:// bucket."""
+  if request.param == 'local':
+    return str(tmp_path / 'root')
+  gcs = request.getfixturevalue('gcs')
+  return f'gs://{gcs.create_bucket(f"storage-{next(_buckets)}")}/root'
+
+
+@pytest.fixture(scope='session')
+def trained_run(tmp_path_factory):
+  """A tiny run of main.py (helpers.RUN_ARGS), shared by the report and serving tests."""
+  workdir = str(tmp_path_factory.mktemp('trained') / 'run')
+  result = helpers.main_py(f'--workdir={workdir}', *helpers.RUN_ARGS)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir

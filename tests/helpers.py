@@ -11,6 +11,34 @@ JAX_CACHE = os.path.join(tempfile.gettempdir(), 'cifar_jax_tests_jax_cache')
 CACHE_FLAG = f'--config.compilation_cache_dir={JAX_CACHE}'  # Not ~/.cache/cifar_jax.
 
 
+def small_config(**overrides):
+  """A config that trains in seconds: fast_cnn on small synthetic data (also the
+  `small_config` fixture), with `overrides`."""
+  from configs import default  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  config.update(model='fast_cnn', data_source='synthetic', num_synthetic_examples=256,
+                batch_size=32, eval_batch_size=48, num_train_steps=4, warmup_epochs=0.0,
+                learning_rate=0.2, ema_decay=0.9, label_smoothing=0.1)
+  config.update(**overrides)
+  return config
+
+
+# The tiny run that the report and serving tests read (conftest's `trained_run`).
+RUN_ARGS = ['--config=configs/default.py', '--config.model=fast_cnn',
+            '--config.data_source=synthetic', '--config.num_synthetic_examples=512',
+            '--config.batch_size=32', '--config.eval_batch_size=64', '--config.num_train_steps=8',
+            '--config.input_pipeline=device', '--config.log_every_steps=2',
+            '--config.eval_every_steps=4', '--config.checkpoint_every_steps=4',
+            '--config.ema_decay=0.9', '--config.profile_steps=2:4', CACHE_FLAG]
+
+
+def main_py(*args, timeout=300):
+  """`python main.py ARGS` on 8 CPU devices; the CompletedProcess."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  return subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, env=subprocess_env(8),
+                        capture_output=True, text=True, timeout=timeout)
+
+
 def subprocess_env(devices=8):
   return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
               JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='',

@@ -3,6 +3,8 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import small_config
+
 from cifar_jax import create_train_state, parallel
 from cifar_jax.data.sources import synthetic
 from cifar_jax.data.host_pipeline import eval_batches
@@ -19,16 +21,13 @@ def _run(backend, config, batches):
 
 @pytest.fixture(scope='module')
 def results():
-  from configs import default
-  config = default.get_config()
-  config.update(model='fast_cnn', batch_size=32, num_train_steps=3, warmup_epochs=0.0,
-                learning_rate=0.4, ema_decay=0.9)
+  config = small_config(num_train_steps=3, learning_rate=0.4, label_smoothing=0.0)
   rs = np.random.RandomState(0)
   batches = [{'image': rs.randn(32, 32, 32, 3).astype(np.float32),
               'label': rs.randint(0, 10, 32).astype(np.int32)} for _ in range(3)]
-  out = {'jit_1device': _run(parallel.Backend('jit', jax.devices()[:1]), config, batches)}
+  out = {'jit_1device': _run(parallel.create_backend('jit', jax.devices()[:1]), config, batches)}
   for name in parallel.BACKENDS:
-    out[name] = _run(parallel.Backend(name), config, batches)
+    out[name] = _run(parallel.create_backend(name), config, batches)
   return out
 
 
@@ -65,11 +64,7 @@ def test_training_moved_the_params(results):
 
 
 def _config_like():
-  from configs import default
-  config = default.get_config()
-  config.update(model='fast_cnn', batch_size=32, num_train_steps=3, warmup_epochs=0.0,
-                learning_rate=0.4, ema_decay=0.9)
-  return config
+  return small_config(num_train_steps=3, learning_rate=0.4, label_smoothing=0.0)
 
 
 @pytest.mark.parametrize('name', parallel.BACKENDS)
@@ -79,7 +74,7 @@ def test_exact_eval_count_when_split_is_not_divisible_by_batch(name):
   config.eval_batch_size = 50  # Rounded up to 56 for 8 devices.
   data = synthetic('cifar10', 'test', num_examples=0)
   data = type(data)(data.images[:203], data.labels[:203])  # 203 = 3 * 56 + 35.
-  backend = parallel.Backend(name)
+  backend = parallel.create_backend(name)
   state = create_train_state(config, jax.random.key(0), 256)
   metrics = train.evaluate(backend, backend.put_state(state), data, config)
   assert metrics['eval_count'] == 203

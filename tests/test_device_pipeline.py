@@ -37,7 +37,8 @@ def batches(backend, feed, config, steps, local_only=False):
                                   constrain=constrain)
     return batch['image'], batch['label']
 
-  compiled = backend.compile(fn, ('data', 'scalar'), ('rows', 'rows'))
+  kind = parallel.Kind
+  compiled = backend.compile(fn, (kind.DATA, kind.SCALAR), (kind.ROWS, kind.ROWS))
   data = backend.put_data(feed)
   out = []
   for s in steps:
@@ -72,9 +73,9 @@ def test_shuffled_index_depends_on_the_key_and_is_not_the_identity():
 def test_same_batches_on_1_4_and_8_devices_under_every_backend(feed):
   config = _config(cutout=8)
   steps = [0, 1, 5, 7]  # Two epochs of 3 steps.
-  want = batches(parallel.Backend('jit', jax.devices()[:1]), feed, config, steps)
+  want = batches(parallel.create_backend('jit', jax.devices()[:1]), feed, config, steps)
   for name, count in [('jit', 8), ('shard_map', 4), ('shard_map', 8), ('pmap', 8), ('pmap', 4)]:
-    got = batches(parallel.Backend(name, jax.devices()[:count]), feed, config, steps)
+    got = batches(parallel.create_backend(name, jax.devices()[:count]), feed, config, steps)
     for (a, la), (b, lb) in zip(want, got):
       np.testing.assert_array_equal(a, b, err_msg=f'{name} x {count}')
       np.testing.assert_array_equal(la, lb, err_msg=f'{name} x {count}')
@@ -82,7 +83,7 @@ def test_same_batches_on_1_4_and_8_devices_under_every_backend(feed):
 
 def test_each_epoch_is_a_permutation_and_labels_follow(feed):
   config = _config(batch_size=8)
-  out = batches(parallel.Backend('jit'), feed, config, range(24))
+  out = batches(parallel.create_backend('jit'), feed, config, range(24))
   index = np.array([raw(img)[:, 12:20, 12:20, 0].max(axis=(1, 2)) for img, _ in out])  # [24, 8]
   epoch0, epoch1 = index[:12].ravel(), index[12:].ravel()
   assert sorted(epoch0) == list(range(N)) and sorted(epoch1) == list(range(N))
@@ -93,7 +94,7 @@ def test_each_epoch_is_a_permutation_and_labels_follow(feed):
 
 def test_augmentation_is_sane_and_depends_on_the_seed(feed):
   config = _config(batch_size=96, cutout=8)
-  (images, _), = batches(parallel.Backend('jit'), feed, config, [0])
+  (images, _), = batches(parallel.create_backend('jit'), feed, config, [0])
   pixels = raw(images)
   holes = np.all(images == 0.0, axis=-1)  # Cutout: exact zeros once normalized.
   flipped, shifts = 0, []
@@ -117,7 +118,7 @@ def test_augmentation_is_sane_and_depends_on_the_seed(feed):
     rows, cols = np.nonzero(hole)
     assert len(rows) and len(rows) == (np.ptp(rows) + 1) * (np.ptp(cols) + 1) <= 64
   assert max(h.sum() for h in holes) == 64
-  (other, _), = batches(parallel.Backend('jit'), feed, _config(96, 8, seed=1), [0])
+  (other, _), = batches(parallel.create_backend('jit'), feed, _config(96, 8, seed=1), [0])
   assert not np.array_equal(images, other)
 
 
@@ -129,10 +130,10 @@ def test_device_eval_counts_every_example_like_the_host_eval():
   data = synthetic('cifar10', 'test')
   data = type(data)(data.images[:203], data.labels[:203])  # 203 = 3 * 56 + 35.
   state = create_train_state(config, jax.random.key(0), 256)
-  host = train.evaluate(parallel.Backend('jit'), parallel.Backend('jit').put_state(state), data,
+  host = train.evaluate(parallel.create_backend('jit'), parallel.create_backend('jit').put_state(state), data,
                         config)
   for name in parallel.BACKENDS:
-    backend = parallel.Backend(name)
+    backend = parallel.create_backend(name)
     got = train.evaluate(backend, backend.put_state(state), data, config,
                          backend.put_data({'images': data.images, 'labels': data.labels}))
     assert got['eval_count'] == 203
@@ -157,7 +158,7 @@ def test_data_that_would_not_fit_names_the_host_pipeline(monkeypatch):
   monkeypatch.setattr(train.jax, 'local_devices', lambda: [SmallDevice()])
   splits = synthetic('cifar10', 'train', num_examples=20_000), synthetic('cifar10', 'test')
   with pytest.raises(UserError, match=r'needs 88 MiB .* 64 MiB; use --config.input_pipeline=host'):
-    train._put_on_devices(parallel.Backend('jit'), *splits)  # pylint: disable=protected-access
+    train._put_on_devices(parallel.create_backend('jit'), *splits)  # pylint: disable=protected-access
 
 
 def _views(images):
@@ -176,7 +177,7 @@ def _reflect(i):
 def test_alternating_flip_mirrors_each_image_in_alternate_epochs(feed):
   config = _config(batch_size=32)
   config.update(flip='alternating', crop_padding=2, crop_pad_mode='reflect')
-  out = batches(parallel.Backend('jit'), feed, config, range(9))  # 3 epochs of 3 steps.
+  out = batches(parallel.create_backend('jit'), feed, config, range(9))  # 3 epochs of 3 steps.
   flipped = {}
   for step, (images, _) in enumerate(out):
     for index, flip, _, _ in _views(images):
@@ -188,7 +189,7 @@ def test_alternating_flip_mirrors_each_image_in_alternate_epochs(feed):
     assert flipped[i] == [first[i], not first[i], first[i]], i
   # The pattern is a function of (seed, example index): the same for another batch size.
   config.batch_size = 16
-  (images, _), = batches(parallel.Backend('jit'), feed, config, [0])
+  (images, _), = batches(parallel.create_backend('jit'), feed, config, [0])
   for index, flip, _, _ in _views(images):
     assert flip == first[index]
 
@@ -196,7 +197,7 @@ def test_alternating_flip_mirrors_each_image_in_alternate_epochs(feed):
 def test_reflection_padded_translation_by_up_to_2_pixels(feed):
   config = _config(batch_size=96)
   config.update(crop_padding=2, crop_pad_mode='reflect', flip='none')
-  (images, _), = batches(parallel.Backend('jit'), feed, config, [0])
+  (images, _), = batches(parallel.create_backend('jit'), feed, config, [0])
   grid, shifts = np.arange(32), set()
   for _, flip, rows, cols in _views(images):
     assert not flip

@@ -5,6 +5,8 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import small_config
+
 from cifar_jax import create_train_state, dispatch, parallel
 from cifar_jax.data.sources import synthetic
 
@@ -21,10 +23,8 @@ def test_schedule_never_crosses_a_boundary(start, total, k, intervals, want):
 
 @pytest.fixture(scope='module')
 def setup():
-  from configs import default
-  config = default.get_config()
-  config.update(model='fast_cnn', batch_size=8, num_train_steps=16, warmup_epochs=0.0,
-                learning_rate=0.4, ema_decay=0.9, cutout=8)
+  config = small_config(batch_size=8, num_train_steps=16, learning_rate=0.4, cutout=8,
+                        label_smoothing=0.0)
   data = synthetic('cifar10', 'train', num_examples=40)  # 5 steps per epoch.
   return config, data
 
@@ -51,7 +51,7 @@ def test_1_and_k_steps_per_call_are_bit_identical_on_one_device(setup):
   config, data = setup
   runs = {}
   for loop in (True, False):  # The GPU/TPU default and the CPU default.
-    backend = parallel.Backend('jit', jax.devices()[:1], loop_dispatch=loop)
+    backend = parallel.create_backend('jit', jax.devices()[:1], loop_dispatch=loop)
     feed = backend.put_data({'images': data.images, 'labels': data.labels})
     one = _train(backend, config, [feed] * 7, 'device', [1] * 7)
     many = _train(backend, config, [feed] * 2, 'device', [1, 6])
@@ -69,7 +69,7 @@ def test_1_and_k_steps_per_call_are_bit_identical_on_one_device(setup):
 def test_host_blocks_of_16_give_the_step_by_step_result(setup):
   from cifar_jax import train
   config, data = setup
-  backend = parallel.Backend('jit', jax.devices()[:1])
+  backend = parallel.create_backend('jit', jax.devices()[:1])
   blocks = lambda sizes, k: [backend.put_batches(b) for b in train._host_blocks(  # pylint: disable=protected-access
       data, config, 0, sizes, k)]
   one = _train(backend, config, blocks([1] * 7, 1), 'host', [1] * 7)
@@ -80,7 +80,7 @@ def test_host_blocks_of_16_give_the_step_by_step_result(setup):
 @pytest.mark.parametrize('name, loop', [('pmap', False), ('shard_map', True)])
 def test_the_first_non_finite_step_is_tracked_on_the_device(setup, name, loop):
   config, data = setup
-  backend = parallel.Backend(name, loop_dispatch=loop)
+  backend = parallel.create_backend(name, loop_dispatch=loop)
   feed = backend.put_data({'images': data.images, 'labels': data.labels})
   state, carry = _train(backend, config, [feed] * 2, 'device', [5, 3], poison_after=0)
   first_bad = np.asarray(carry['first_bad']).reshape(-1)[0]

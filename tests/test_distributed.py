@@ -28,7 +28,7 @@ ARGS = ['--config=configs/default.py', '--config.lr_schedule=onecycle', '--confi
         f'--config.num_train_steps={STEPS}', '--config.log_every_steps=1',
         f'--config.eval_every_steps={STEPS}', '--config.checkpoint_every_steps=3',
         '--config.input_pipeline=host',
-        '--config.report=False', CACHE_FLAG]  # (Plots: test_inference.)
+        '--config.report=False', CACHE_FLAG]  # (Plots: test_report.)
 TIMEOUT = 240
 
 
@@ -103,6 +103,7 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.tensorflow  # the host pipeline or the tfds source
+@pytest.mark.e2e
 def test_two_processes_train_like_one_and_only_process_0_writes(reference, tmp_path):
   workdir = str(tmp_path / 'w')
   assert run_two(workdir, '--config.parallelism=jit') == [0, 0], log(workdir, 0)[-3000:]
@@ -116,6 +117,7 @@ def test_two_processes_train_like_one_and_only_process_0_writes(reference, tmp_p
 
 
 @pytest.mark.tensorflow  # the host pipeline or the tfds source
+@pytest.mark.e2e
 def test_two_processes_with_fsdp_tensor_on_a_4x2_mesh_train_like_one_replicated(reference,
                                                                                 tmp_path):
   # Each process holds two 'data' rows of the mesh, each row a 'model' pair of its own
@@ -153,6 +155,7 @@ def interrupt_one_host(workdir, victim, sig, *extra, steps=STEPS):
 
 
 @pytest.mark.tensorflow  # the host pipeline or the tfds source
+@pytest.mark.e2e
 def test_sigterm_on_one_host_stops_all_at_one_step_and_resumes_in_one_process(reference,
                                                                              tmp_path):
   workdir = str(tmp_path / 'w')
@@ -163,6 +166,7 @@ def test_sigterm_on_one_host_stops_all_at_one_step_and_resumes_in_one_process(re
   assert_close_runs(workdir, reference)
 
 
+@pytest.mark.e2e
 def test_ctrl_c_on_the_coordinator_host_also_stops_every_host_at_one_step(tmp_path):
   # With the device pipeline (each process puts the data on its own devices) and 2 steps
   # per dispatch: the hosts agree on a dispatch boundary.
@@ -192,12 +196,13 @@ feed = {'images': images, 'labels': (np.arange(N) % 10).astype(np.int32)}
 from configs import default
 config = default.get_config()
 config.update(batch_size=32, cutout=8)
-backend = parallel.Backend('jit')
+backend = parallel.create_backend('jit')
 out = batches(backend, feed, config, [0, 5], local_only=True)
 np.savez(sys.argv[3], **{f'{k}_{s}': v for s, pair in enumerate(out) for k, v in zip('il', pair)})
 """
 
 
+@pytest.mark.e2e
 def test_device_pipeline_batches_of_2_processes_x_4_devices_are_the_1_x_8_batches(tmp_path):
   from test_device_pipeline import N, batches  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
@@ -211,7 +216,7 @@ def test_device_pipeline_batches_of_2_processes_x_4_devices_are_the_1_x_8_batche
   images[..., 0] = np.arange(N)[:, None, None]
   config = default.get_config()
   config.update(batch_size=32, cutout=8)
-  want = batches(parallel.Backend('jit'), {'images': images, 'labels': (np.arange(N) % 10)
+  want = batches(parallel.create_backend('jit'), {'images': images, 'labels': (np.arange(N) % 10)
                                            .astype(np.int32)}, config, [0, 5])
   halves = [np.load(tmp_path / f'p{i}.npz') for i in range(2)]
   for s, (images_s, labels_s) in enumerate(want):
@@ -221,6 +226,7 @@ def test_device_pipeline_batches_of_2_processes_x_4_devices_are_the_1_x_8_batche
         np.concatenate([halves[0][f'l_{s}'], halves[1][f'l_{s}']]), labels_s)
 
 
+@pytest.mark.e2e
 def test_a_missing_peer_fails_within_the_timeout_with_one_clear_line(tmp_path):
   workdir = str(tmp_path / 'w')
   began = time.time()

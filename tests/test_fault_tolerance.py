@@ -20,6 +20,9 @@ from helpers import CACHE_FLAG, ROOT, checkpoint_arrays, logged_steps, main_comm
 from helpers import metrics_records as records
 
 from cifar_jax import metric_logging
+
+pytestmark = pytest.mark.e2e  # Every test here launches processes.
+
 STEPS = 12
 ARGS = ['--config=configs/default.py', '--config.lr_schedule=onecycle', '--config.warmup_epochs=2.0',
         '--config.label_smoothing=0.2', '--config.steps_per_dispatch=50',  # The classic recipe.
@@ -28,7 +31,7 @@ ARGS = ['--config=configs/default.py', '--config.lr_schedule=onecycle', '--confi
         '--config.eval_batch_size=64', '--config.ema_decay=0.9', f'--config.num_train_steps={STEPS}',
         '--config.log_every_steps=1', '--config.eval_every_steps=6',
         '--config.checkpoint_every_steps=4', '--config.input_pipeline=host',
-        '--config.report=False', CACHE_FLAG]  # (Plots: test_inference.)
+        '--config.report=False', CACHE_FLAG]  # (Plots: test_report.)
 
 
 _env = subprocess_env

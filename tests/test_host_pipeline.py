@@ -101,6 +101,7 @@ def test_eval_batches_cover_the_split_exactly_once_with_padding_masked(data):
   assert total == 70
 
 
+@pytest.mark.e2e
 def test_no_tensorflow_is_imported_until_the_host_pipeline_is_used(tmp_path):
   import subprocess
   import sys

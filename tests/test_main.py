@@ -6,6 +6,8 @@ import sys
 
 import pytest
 from helpers import CACHE_FLAG, ROOT, metrics_records, subprocess_env
+
+pytestmark = pytest.mark.e2e  # Every test here launches processes.
 TINY = ['--config.model=fast_cnn', '--config.data_source=synthetic',
         '--config.num_synthetic_examples=512', '--config.batch_size=64',
         '--config.eval_batch_size=48', '--config.log_every_steps=2',

@@ -59,9 +59,9 @@ def test_vit_rules_are_megatron_style():
   from configs import default
   config = default.get_config()
   config.update(model='vit_micro', batch_size=8)
-  backend = parallel.Backend('jit', mesh_shape=(4, 2), sharding='tensor')
+  backend = parallel.create_backend('jit', mesh_shape=(4, 2), sharding='tensor')
   state = jax.eval_shape(lambda: create_train_state(config, jax.random.key(0), 256))
-  shardings = backend.state_shardings(state)
+  shardings = backend.state_layout(state)
   block = shardings.params['blocks'][0]
   assert block['attention']['query']['kernel'].spec == P(None, 'model')  # Column-parallel.
   assert block['attention']['out']['kernel'].spec == P('model')          # Row-parallel.
@@ -79,8 +79,8 @@ LAYOUTS = [('replicated', (8, 1)), ('fsdp', (8, 1)), ('fsdp_tensor', (4, 2))]
 
 
 def _train(config, batches, sharding, mesh_shape, devices=None):
-  backend = parallel.Backend('jit', devices, mesh_shape=mesh_shape, sharding=sharding)
-  state = create_train_state(config, jax.random.key(0), 50_000, layout=backend.state_shardings)
+  backend = parallel.create_backend('jit', devices, mesh_shape=mesh_shape, sharding=sharding)
+  state = create_train_state(config, jax.random.key(0), 50_000, layout=backend.state_layout)
   nbytes = backend.state_bytes_per_device(state)
   losses = []
   for batch in batches:
@@ -99,7 +99,7 @@ def _relative_error(got, ref, start):
 # A convnet at 1 image per device is ill-conditioned in float32 (BatchNorm over 8 images;
 # measured on wrn28_10: its momentum differs by ~5% between 1 and 8 replicated devices), so
 # its tolerance is set by that noise floor, measured here; vit_small agrees to ~1e-7.
-# resnet18 rather than wrn28_10 (README's table): the same layout rules, a ninth the compute.
+# resnet18 rather than wrn28_10 (docs/large_models.md's table): the same layout rules, a ninth the compute.
 @pytest.mark.parametrize('model, batch_size, measure_floor', [('resnet18', 8, True),
                                                               ('vit_small', 8, False)])
 def test_fsdp_and_tensor_parallel_give_the_replicated_numbers(model, batch_size, measure_floor):
@@ -145,9 +145,9 @@ def test_remat_halves_wrn28_10_step_temporaries_on_8_devices():
   for remat in ('none', 'block'):
     config = default.get_config()
     config.update(model='wrn28_10', batch_size=128, remat=remat)
-    backend = parallel.Backend('jit', mesh_shape=(8, 1))
+    backend = parallel.create_backend('jit', mesh_shape=(8, 1))
     state = jax.eval_shape(lambda c=config: create_train_state(c, jax.random.key(0)))
-    shardings = backend.state_shardings(state)
+    shardings = backend.state_layout(state)
     batch = {'image': jax.ShapeDtypeStruct((128, 32, 32, 3), np.float32),
              'label': jax.ShapeDtypeStruct((128,), np.int32)}
     compiled = jax.jit(train_step, in_shardings=(shardings, backend.sharded),

@@ -26,12 +26,22 @@ def test_public_step_is_jittable_as_is_and_learns(small_config):
   assert set(metrics) >= {'train_loss', 'train_accuracy', 'learning_rate', 'grad_norm'}
 
 
-def test_step_is_pure_same_inputs_same_outputs(small_config):
+def test_step_is_pure_its_inputs_untouched_and_nothing_carried_between_calls(small_config):
   state = create_train_state(small_config, jax.random.key(0), 256)
-  a, _ = jax.jit(train_step)(state, _batch())
-  b, _ = jax.jit(train_step)(state, _batch())
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  other = create_train_state(small_config, jax.random.key(1), 256)
+  before = [np.array(x) for x in jax.tree.leaves(state)]
+  a, metrics_a = jax.jit(train_step)(state, _batch())
+  jax.jit(train_step)(other, _batch(seed=1))  # Another state and batch in between.
+  b, metrics_b = jax.jit(lambda s, x: train_step(s, x))(state, _batch())  # A second compile.
+  eager, _ = train_step(state, _batch())  # No jit at all.
+  for x, y in zip(before, jax.tree.leaves(state), strict=True):
+    np.testing.assert_array_equal(x, y)  # The input state is not modified.
+  for x, y, z in zip(jax.tree.leaves((a, metrics_a)), jax.tree.leaves((b, metrics_b)),
+                     jax.tree.leaves((eager, metrics_a)), strict=True):
     np.testing.assert_array_equal(x, y)
+    np.testing.assert_allclose(x, z, rtol=1e-4, atol=1e-6)
+  assert int(a.step) == 1 and any(not np.array_equal(x, y) for x, y in zip(
+      jax.tree.leaves(a.params), jax.tree.leaves(state.params)))
 
 
 def test_batch_stats_and_ema_move(small_config):
@@ -40,9 +50,11 @@ def test_batch_stats_and_ema_move(small_config):
   moved = lambda a, b: any(not np.allclose(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
   assert moved(state.batch_stats, new.batch_stats)
   assert moved(state.ema_params, new.ema_params)
-  # EMA sits between the old and the new params (first decay: min(0.9, 1/10) = 0.1).
-  old_p, new_p, ema = (jax.tree.leaves(t)[0] for t in (state.params, new.params, new.ema_params))
-  np.testing.assert_allclose(ema, 0.1 * old_p + 0.9 * new_p, rtol=1e-5, atol=1e-6)
+  # Every EMA leaf sits between the old and the new params (first decay: min(0.9, 1/10) = 0.1).
+  leaves = [jax.tree.leaves(t) for t in (state.params, new.params, new.ema_params)]
+  assert len(leaves[2]) == len(leaves[0]) > 10
+  for old_p, new_p, ema in zip(*leaves, strict=True):
+    np.testing.assert_allclose(ema, 0.1 * old_p + 0.9 * new_p, rtol=1e-5, atol=1e-6)
 
 
 def test_ema_off_means_no_ema_params(small_config):
@@ -172,7 +184,7 @@ def test_tta_eval_counts_every_example_of_a_split_not_divisible_by_the_batch(sma
   logits = step_lib.tta_logits(model, normalize(jnp.asarray(data.images), 'cifar10'), 2)
   correct = int(jnp.sum(jnp.argmax(logits, -1) == data.labels))
   for name in ('jit', 'shard_map'):
-    backend = parallel.Backend(name)
+    backend = parallel.create_backend(name)
     feed = backend.put_data({'images': data.images, 'labels': data.labels})
     for test_feed in (feed, None):  # Device and host evals.
       got = train.evaluate(backend, backend.put_state(state), data, config, test_feed, tta=2)

@@ -18,6 +18,8 @@ import tarfile
 import pytest
 from helpers import ROOT, metrics_records
 
+pytestmark = pytest.mark.e2e  # Every test here launches processes.
+
 SCRIPT = os.path.join(ROOT, 'tpu_setup.sh')
 WHERE = ['--zone=us-central2-b']
 FAKE_GCLOUD = f'''#!{sys.executable}

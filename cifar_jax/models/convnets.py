@@ -33,41 +33,46 @@ class TutorialCNN(nnx.Module):
 
 
 # --- CIFAR ResNets (He et al. 2016, option A shortcuts) -----------------------
-class _CifarBlock(nnx.Module):
+class _TwoConvBlock(nnx.Module):
+  """The residual branch of a basic block: conv (with the stride), BN, ReLU, conv, BN."""
 
   def __init__(self, cin, cout, stride, *, dtype, rngs):
     self.conv1 = conv(cin, cout, 3, rngs, dtype, strides=stride)
     self.bn1 = batch_norm(cout, rngs, dtype)
     self.conv2 = conv(cout, cout, 3, rngs, dtype)
     self.bn2 = batch_norm(cout, rngs, dtype)
+
+  def branch(self, x):
+    return self.bn2(self.conv2(nnx.relu(self.bn1(self.conv1(x)))))
+
+
+class _CifarBlock(_TwoConvBlock):
+
+  def __init__(self, cin, cout, stride, *, dtype, rngs):
+    super().__init__(cin, cout, stride, dtype=dtype, rngs=rngs)
     self.stride, self.pad = stride, cout - cin
 
   def __call__(self, x):
-    y = nnx.relu(self.bn1(self.conv1(x)))
-    y = self.bn2(self.conv2(y))
+    y = self.branch(x)
     shortcut = x[:, ::self.stride, ::self.stride] if self.stride > 1 else x
     if self.pad:  # Option A: parameter-free identity with zero channel padding.
       shortcut = jnp.pad(shortcut, [(0, 0)] * 3 + [(self.pad // 2, self.pad - self.pad // 2)])
     return nnx.relu(y + shortcut)
 
 
-class CifarResNet(nnx.Module):
-  """ResNet-(6n+2) for CIFAR: widths 16/32/64, n basic blocks per stage."""
-  takes_widths = False
-  has_blocks = True
+def _stages(block, cin: int, widths, per_stage: int, *, dtype, rngs) -> nnx.List:
+  """`per_stage` blocks of each width in turn; the first block of every stage but the first
+  has stride 2."""
+  blocks = []
+  for stage, width in enumerate(widths):
+    for i in range(per_stage):
+      blocks.append(block(cin, width, 2 if stage and i == 0 else 1, dtype=dtype, rngs=rngs))
+      cin = width
+  return nnx.List(blocks)
 
-  def __init__(self, depth, num_classes, *, dtype=jnp.float32, remat=False, rngs: nnx.Rngs):
-    self.remat = remat
-    n = (depth - 2) // 6
-    self.stem = conv(3, 16, 3, rngs, dtype)
-    self.bn = batch_norm(16, rngs, dtype)
-    blocks, cin = [], 16
-    for stage, width in enumerate((16, 32, 64)):
-      for i in range(n):
-        blocks.append(_CifarBlock(cin, width, 2 if stage and i == 0 else 1, dtype=dtype, rngs=rngs))
-        cin = width
-    self.blocks = nnx.List(blocks)
-    self.head = head(64, num_classes, rngs, dtype)
+
+class _ResNet(nnx.Module):
+  """Conv stem, BatchNorm and ReLU, the blocks (`self.blocks`), global average pool, head."""
 
   def __call__(self, x):
     x = nnx.relu(self.bn(self.stem(x)))
@@ -75,29 +80,38 @@ class CifarResNet(nnx.Module):
     return self.head(jnp.mean(x, axis=(1, 2)))
 
 
+class CifarResNet(_ResNet):
+  """ResNet-(6n+2) for CIFAR: widths 16/32/64, n basic blocks per stage."""
+  takes_widths = False
+  has_blocks = True
+
+  def __init__(self, depth, num_classes, *, dtype=jnp.float32, remat=False, rngs: nnx.Rngs):
+    self.remat = remat
+    self.stem = conv(3, 16, 3, rngs, dtype)
+    self.bn = batch_norm(16, rngs, dtype)
+    self.blocks = _stages(_CifarBlock, 16, (16, 32, 64), (depth - 2) // 6, dtype=dtype, rngs=rngs)
+    self.head = head(64, num_classes, rngs, dtype)
+
+
 # --- ResNet-18, CIFAR variant (3x3 stem, no stem pooling) ----------------------
-class _BasicBlock(nnx.Module):
+class _BasicBlock(_TwoConvBlock):
 
   def __init__(self, cin, cout, stride, *, dtype, rngs):
-    self.conv1 = conv(cin, cout, 3, rngs, dtype, strides=stride)
-    self.bn1 = batch_norm(cout, rngs, dtype)
-    self.conv2 = conv(cout, cout, 3, rngs, dtype)
-    self.bn2 = batch_norm(cout, rngs, dtype)
+    super().__init__(cin, cout, stride, dtype=dtype, rngs=rngs)
     needs_proj = stride != 1 or cin != cout
     self.proj = nnx.data(conv(cin, cout, 1, rngs, dtype) if needs_proj else None)
     self.stride = stride
     self.proj_bn = nnx.data(batch_norm(cout, rngs, dtype) if needs_proj else None)
 
   def __call__(self, x):
-    y = nnx.relu(self.bn1(self.conv1(x)))
-    y = self.bn2(self.conv2(y))
+    y = self.branch(x)
     # The strided 1x1 projection as a subsample, then a 1x1 convolution: the same numbers, and
     # an ONNX graph that loads (jax2onnx 0.17.1's strided one failed shape inference here).
     shortcut = x if self.proj is None else self.proj_bn(self.proj(x[:, ::self.stride, ::self.stride]))
     return nnx.relu(y + shortcut)
 
 
-class ResNet18(nnx.Module):
+class ResNet18(_ResNet):
   """ResNet-18 with a 3x3 stem and no stem pooling (the usual CIFAR variant)."""
   takes_widths = False
   has_blocks = True
@@ -106,18 +120,8 @@ class ResNet18(nnx.Module):
     self.remat = remat
     self.stem = conv(3, 64, 3, rngs, dtype)
     self.bn = batch_norm(64, rngs, dtype)
-    blocks, cin = [], 64
-    for stage, width in enumerate((64, 128, 256, 512)):
-      for i in range(2):
-        blocks.append(_BasicBlock(cin, width, 2 if stage and i == 0 else 1, dtype=dtype, rngs=rngs))
-        cin = width
-    self.blocks = nnx.List(blocks)
+    self.blocks = _stages(_BasicBlock, 64, (64, 128, 256, 512), 2, dtype=dtype, rngs=rngs)
     self.head = head(512, num_classes, rngs, dtype)
-
-  def __call__(self, x):
-    x = nnx.relu(self.bn(self.stem(x)))
-    x = run_blocks(self.blocks, x, self.remat)
-    return self.head(jnp.mean(x, axis=(1, 2)))
 
 
 # --- Wide ResNet 28-10 (Zagoruyko & Komodakis 2016, pre-activation) ------------
@@ -147,16 +151,11 @@ class WideResNet(nnx.Module):
   def __init__(self, depth, widen, num_classes, *, dtype=jnp.float32, remat=False,
                rngs: nnx.Rngs):
     self.remat = remat
-    n = (depth - 4) // 6
     self.stem = conv(3, 16, 3, rngs, dtype)
-    blocks, cin = [], 16
-    for stage, width in enumerate((16 * widen, 32 * widen, 64 * widen)):
-      for i in range(n):
-        blocks.append(_WideBlock(cin, width, 2 if stage and i == 0 else 1, dtype=dtype, rngs=rngs))
-        cin = width
-    self.blocks = nnx.List(blocks)
-    self.bn = batch_norm(cin, rngs, dtype)
-    self.head = head(cin, num_classes, rngs, dtype)
+    self.blocks = _stages(_WideBlock, 16, (16 * widen, 32 * widen, 64 * widen), (depth - 4) // 6,
+                          dtype=dtype, rngs=rngs)
+    self.bn = batch_norm(64 * widen, rngs, dtype)
+    self.head = head(64 * widen, num_classes, rngs, dtype)
 
   def __call__(self, x):
     x = run_blocks(self.blocks, self.stem(x), self.remat)

@@ -1,10 +1,7 @@
-"""Using a trained model (cifar_jax/inference.py, onnx_export.py, report.py, main.py modes):
-predict on image files, the serving bundle (jax.export and ONNX) against the JAX model for
-every architecture, report plots, the confusion matrix and a profiler window."""
-import glob
+"""cifar_jax/serving/ and main.py's predict and export modes: predict on image files, and
+the serving bundle (jax.export and ONNX) against the JAX model for every architecture."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -12,7 +9,7 @@ import tarfile
 import jax
 import numpy as np
 import pytest
-from helpers import CACHE_FLAG, ROOT, metrics_records, subprocess_env
+from helpers import ROOT, main_py, subprocess_env
 
 from flax import nnx
 
@@ -20,27 +17,17 @@ from cifar_jax import create_train_state, models, workdir as workdir_lib
 from cifar_jax.data.cifar import CLASS_NAMES, normalize
 from cifar_jax.serving import export as export_lib, images as images_lib, model as model_lib, predict as predict_lib
 
-SHARED_JPEGS = os.path.join(ROOT, '..', 'shared', 'data', 'cifar10-jpeg.tar.gz')
-RUN_ARGS = ['--config=configs/default.py', '--config.model=fast_cnn',
-            '--config.data_source=synthetic', '--config.num_synthetic_examples=512',
-            '--config.batch_size=32', '--config.eval_batch_size=64', '--config.num_train_steps=8',
-            '--config.input_pipeline=device', '--config.log_every_steps=2',
-            '--config.eval_every_steps=4', '--config.checkpoint_every_steps=4',
-            '--config.ema_decay=0.9', '--config.profile_steps=2:4', CACHE_FLAG]
-
-
-def main_py(*args, timeout=300):
-  return subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, env=subprocess_env(8),
-                        capture_output=True, text=True, timeout=timeout)
+# Real CIFAR-10 images for the export checks, when given: a .tar.gz of CIFAR-10 JPEGs.
+REAL_JPEGS = os.environ.get('CIFAR_JAX_TEST_JPEGS', '')
 
 
 def sample_images(n=16) -> np.ndarray:
-  """Real CIFAR-10 images when this machine has them (the first n of the JPEG copy's train
-  split), else structured ones (gradients and blocks, not noise)."""
-  if os.path.exists(SHARED_JPEGS):
+  """Real CIFAR-10 images when CIFAR_JAX_TEST_JPEGS names a .tar.gz of them (its first n),
+  else structured ones (gradients and blocks, not noise)."""
+  if REAL_JPEGS and os.path.exists(REAL_JPEGS):
     from PIL import Image
     images = []
-    with tarfile.open(SHARED_JPEGS, 'r:gz') as tar:
+    with tarfile.open(REAL_JPEGS, 'r:gz') as tar:
       for member in tar:
         if member.isfile() and member.name.endswith('.jpg'):
           with Image.open(tar.extractfile(member)) as image:
@@ -57,58 +44,11 @@ def sample_images(n=16) -> np.ndarray:
   return np.stack(images)
 
 
-# --- a trained run: report, confusion matrix, profiler -----------------------------------
-
-
-@pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('inference') / 'run')
-  result = main_py(f'--workdir={workdir}', *RUN_ARGS)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
-
-
-def test_run_ends_with_a_readable_report(run):
-  from PIL import Image
-  with Image.open(os.path.join(run, 'report.png')) as image:
-    assert image.size == (1600, 1100)
-    assert np.asarray(image.convert('L')).std() > 10  # Something is drawn.
-
-
-def test_final_eval_records_confusion_matrix_and_class_accuracy(run):
-  records = [r for r in metrics_records(run) if 'confusion_matrix' in r]
-  assert [r['step'] for r in records] == [8]  # The final eval only.
-  confusion = np.asarray(records[0]['confusion_matrix'])
-  final = [r for r in metrics_records(run) if r.get('step') == 8 and 'eval_accuracy' in r][-1]
-  assert confusion.shape == (10, 10) and confusion.sum() == final['eval_count'] == 102
-  assert np.trace(confusion) / confusion.sum() == pytest.approx(final['eval_accuracy'])
-  assert set(records[0]['class_accuracy']) == set(CLASS_NAMES['cifar10'])
-  # TensorBoard: the image and the per-class scalars.
-  from tensorboard.backend.event_processing import event_accumulator
-  events = event_accumulator.EventAccumulator(run, size_guidance={'images': 0, 'scalars': 0})
-  events.Reload()
-  assert 'confusion_matrix' in events.Tags()['images']
-  assert 'class_accuracy/cat' in events.Tags()['scalars']
-
-
-def test_profile_window_leaves_a_trace(run):
-  traces = glob.glob(os.path.join(run, 'plugins', 'profile', '*', '*.xplane.pb'))
-  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
-
-
-def test_report_mode_redraws_it(run, tmp_path):
-  workdir = str(tmp_path / 'copy')
-  shutil.copytree(run, workdir)
-  os.remove(os.path.join(workdir, 'report.png'))
-  result = main_py(f'--workdir={workdir}', '--mode=report')
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert os.path.exists(os.path.join(workdir, 'report.png'))
-
-
 # --- predict -------------------------------------------------------------------------------
 
 
-def test_predict_a_folder_with_a_bad_file_in_it(run, tmp_path):
+@pytest.mark.e2e
+def test_predict_a_folder_with_a_bad_file_in_it(trained_run, tmp_path):
   from PIL import Image
   folder = tmp_path / 'photos'
   folder.mkdir()
@@ -117,7 +57,7 @@ def test_predict_a_folder_with_a_bad_file_in_it(run, tmp_path):
   Image.fromarray(np.kron(images[1], np.ones((3, 2, 1), np.uint8))).save(folder / 'b.jpg')  # 96x64.
   Image.fromarray(images[2][..., 0], 'L').save(folder / 'c.png')  # Greyscale.
   (folder / 'notes.txt').write_text('not an image')
-  result = main_py(f'--workdir={run}', '--mode=predict', f'--inputs={folder}')
+  result = main_py(f'--workdir={trained_run}', '--mode=predict', f'--inputs={folder}')
   assert result.returncode == 0, result.stderr[-2000:]
   warnings = [l for l in result.stderr.splitlines() if l.startswith('warning:')]
   assert len(warnings) == 1 and 'notes.txt' in warnings[0]
@@ -128,22 +68,23 @@ def test_predict_a_folder_with_a_bad_file_in_it(run, tmp_path):
     assert len(top5) == 5 and top5[0]['probability'] >= top5[-1]['probability']
     assert all(p['label'] == CLASS_NAMES['cifar10'][p['index']] for p in top5)
   # The same prediction as the model on the same pixels (a.png is 32x32: no resize).
-  config, state, _, _ = workdir_lib.load_state(run, 'best')
+  config, state, _, _ = workdir_lib.load_state(trained_run, 'best')
   probs = predict_lib.predict(model_lib.serving_function(model_lib.serving_model(config, state),
                                                        'cifar10'), images[:1])
   assert lines[0]['top5'][0]['index'] == int(np.argmax(probs[0]))
   assert lines[0]['top5'][0]['probability'] == pytest.approx(float(probs[0].max()), abs=1e-5)
   csv_path = tmp_path / 'out.csv'
-  result = main_py(f'--workdir={run}', '--mode=predict', f'--inputs={folder}/*.png',
+  result = main_py(f'--workdir={trained_run}', '--mode=predict', f'--inputs={folder}/*.png',
                    f'--output={csv_path}')
   assert result.returncode == 0, result.stderr[-2000:]
   rows = csv_path.read_text().splitlines()
   assert rows[0].startswith('file,label1,index1,probability1') and len(rows) == 3
 
 
-def test_predict_with_nothing_readable_is_one_error_line(run, tmp_path):
+@pytest.mark.e2e
+def test_predict_with_nothing_readable_is_one_error_line(trained_run, tmp_path):
   (tmp_path / 'x.jpg').write_text('garbage')
-  result = main_py(f'--workdir={run}', '--mode=predict', f'--inputs={tmp_path}/x.jpg')
+  result = main_py(f'--workdir={trained_run}', '--mode=predict', f'--inputs={tmp_path}/x.jpg')
   assert result.returncode == 2
   errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
   assert len(errors) == 1 and 'readable' in errors[0] and 'Traceback' not in result.stderr
@@ -197,6 +138,7 @@ def _close(got, want) -> float:
   return float(np.abs(got - want).max() / max(1.0, np.abs(want).max()))
 
 
+@pytest.mark.e2e
 def test_jax_export_artifact_runs_in_a_fresh_process_without_the_project(bundles, tmp_path):
   # -I: isolated (no PYTHONPATH, no script directory, no user site); cwd outside the repo.
   code = '''
@@ -234,6 +176,7 @@ def _onnx_python():
     return None
 
 
+@pytest.mark.e2e
 def test_onnx_model_matches_the_jax_model(bundles):
   python = _onnx_python()
   if python is None:
@@ -261,10 +204,11 @@ print(json.dumps(errors))
   assert max(errors.values()) <= 1e-4, errors
 
 
-def test_export_mode_writes_the_bundle(run, tmp_path):
+@pytest.mark.e2e
+def test_export_mode_writes_the_bundle(trained_run, tmp_path):
   bundle = tmp_path / 'bundle'
   python = _onnx_python()
-  result = main_py(f'--workdir={run}', '--mode=export', f'--export_dir={bundle}',
+  result = main_py(f'--workdir={trained_run}', '--mode=export', f'--export_dir={bundle}',
                    f'--onnx_python={python or ""}')
   assert result.returncode == 0, result.stderr[-3000:]
   names = set(os.listdir(bundle))

@@ -1,0 +1,265 @@
+"""The one interface the trainer sees: a `Backend` places states, batches and data on
+the devices and compiles the steps and the many-steps-per-call dispatches for them.
+
+Each execution strategy is one subclass (`pmap_backend`, `shard_map_backend`,
+`jit_backend`); they differ only in how an argument lies on the devices (`Kind`)
+and how a function is mapped over them (`compile`). What they share is here: the
+dispatch functions built from `dispatch.py`, prefetching, scalars, and caches of
+compiled functions keyed by what each depends on (the config fields it reads and
+the state layout, an explicit argument).
+
+All three give the same numbers: BatchNorm statistics, loss and metrics are
+global-batch values.
+"""
+from __future__ import annotations
+
+import collections
+import enum
+from typing import Iterable, Iterator
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cifar_jax import dispatch, step as step_lib
+from cifar_jax.parallel import mesh as mesh_lib, sharding as sharding_lib
+
+AXIS = mesh_lib.DATA_AXIS
+
+
+class Kind(enum.Enum):
+  """How an argument or output of a compiled function lies on the devices."""
+  STATE = 'the train state, in the layout given to compile()'
+  REPLICATED = 'a small tree (metrics, the carry), whole on every device'
+  ROWS = '[B, ...]: split along B over the data axis'
+  BATCHES = '[k, B, ...]: k batches, each split along B'
+  DATA = 'a dataset, whole on every device'
+  SCALAR = 'an int32 scalar (put_scalar)'
+
+
+def layout_key(layout) -> tuple:
+  """A hashable key of a state layout (one sharding, or a tree of them)."""
+  leaves, treedef = jax.tree.flatten(layout)
+  return tuple(leaves), treedef
+
+
+# The config fields a device-pipeline train batch reads (dispatch.device_batch).
+DEVICE_BATCH_FIELDS = ('batch_size', 'seed', 'dataset', 'cutout', 'crop_padding',
+                       'crop_pad_mode', 'flip')
+
+
+class Backend:
+  """Places state and batches on all devices and runs the compiled steps.
+
+  The placement methods here are for global arrays (shard_map, jit); subclasses set
+  `name` and `sync_grads`, implement `compile` and override what differs.
+  """
+  name = ''
+  sync_grads = False  # pmean gradients in the step (pmap: autodiff leaves them per device).
+
+  def __init__(self, devices=None, loop_dispatch: bool | None = None, mesh_shape=(-1, 1),
+               sharding: str = 'replicated'):
+    """`loop_dispatch`: run a dispatch's steps in one compiled loop (default: except on
+    CPU, where XLA runs weight-gradient convolutions ~50x slower in loops; see dispatch.py).
+    `mesh_shape`, `sharding`: the mesh and the train state's layout (jit only)."""
+    # Grouped by process: process p's devices hold rows [p*B/P, (p+1)*B/P) of each global
+    # batch, the slice the host pipeline gives process p.
+    self.devices = mesh_lib.sorted_devices(devices)
+    self.num_devices = len(self.devices)
+    self.data_size, self.model_size = mesh_lib.axis_sizes(mesh_shape, self.num_devices)
+    self.sharding = sharding
+    self.loop_dispatch = (self.devices[0].platform != 'cpu' if loop_dispatch is None
+                          else loop_dispatch)
+    self.mesh = self._make_mesh(mesh_shape)
+    self.replicated = NamedSharding(self.mesh, P())
+    self.sharded = NamedSharding(self.mesh, P(AXIS))
+    self.memory = {}  # Compiled memory statistics of the train dispatch (`train_dispatch`).
+    self._compiled = {}  # Compiled functions, by what they depend on.
+    self._scalars = {}  # Scalar arguments on the devices, by value.
+
+  def _make_mesh(self, mesh_shape) -> jax.sharding.Mesh:
+    del mesh_shape  # A 1-D data mesh; the jit backend overrides this.
+    return jax.sharding.Mesh(np.array(self.devices), (AXIS,))
+
+  # --- placement (per strategy) ---------------------------------------------------------
+  def state_layout(self, state):
+    """The shardings of a train state like `state` (arrays or ShapeDtypeStructs): one
+    sharding or a tree like it. Pure; pass it to `step.create_train_state(layout=)` to
+    create the state in place, and to `put_state` and the compiled functions."""
+    del state
+    return self.replicated
+
+  def put_state(self, tree, layout=None):
+    """A train state (in `layout`, default replicated) or another replicated tree."""
+    return jax.device_put(tree, self.replicated if layout is None else layout)
+
+  def get_state(self, state: step_lib.TrainState) -> step_lib.TrainState:
+    """The state as global (unreplicated) arrays, e.g. for checkpoints."""
+    return state
+
+  def state_bytes_per_device(self, state) -> int:
+    """The most bytes of `state` (placed in its layout) any one device holds."""
+    return sharding_lib.bytes_per_device(state)
+
+  def put_batch(self, batch: dict) -> dict:
+    """This process's slice of a global batch (host numpy) -> device arrays, async."""
+    return {k: jax.make_array_from_process_local_data(self.sharded, v) for k, v in batch.items()}
+
+  def put_batches(self, block: dict) -> dict:
+    """This process's slices of k global batches {'image': [k, b, ...], ...} -> devices."""
+    sharding = NamedSharding(self.mesh, P(None, AXIS))
+    return {k: jax.make_array_from_process_local_data(
+        sharding, v, (v.shape[0], v.shape[1] * jax.process_count()) + v.shape[2:])
+            for k, v in block.items()}
+
+  def put_data(self, arrays: dict) -> dict:
+    """Host numpy arrays -> one whole copy on every device (each process fills only its
+    own devices; every process must pass the same arrays)."""
+    def put(x):
+      x = np.asarray(x)
+      return jax.make_array_from_callback(x.shape, self.replicated, lambda index: x)
+    return {k: put(v) for k, v in arrays.items()}
+
+  def _scalar(self, x: np.ndarray):
+    return jax.make_array_from_callback((), self.replicated, lambda index: x)
+
+  def to_host(self, tree) -> dict:
+    """Device metrics -> Python floats, or numpy arrays for non-scalars (the only
+    device-to-host sync)."""
+    tree = jax.device_get(tree)
+    return {k: float(v) if np.ndim(v) == 0 else np.asarray(v) for k, v in tree.items()}
+
+  def compile(self, fn, in_kinds: tuple[Kind, ...], out_kinds: tuple[Kind, ...], layout=None,
+              donate: tuple[int, ...] = ()):
+    """`fn(*args, axis_name=..)` (per device, or global under jit) compiled for this
+    backend; `in_kinds`/`out_kinds` say how each argument/output lies (`Kind`), `layout`
+    is the state's (for `Kind.STATE`). Under jit `fn` also gets `constrain`, which
+    shards a [B, ...] tree along B."""
+    raise NotImplementedError
+
+  # --- shared -----------------------------------------------------------------------------
+  def put_scalar(self, value: int):
+    """An int32 scalar argument of the compiled functions (cached by value)."""
+    if value not in self._scalars:
+      self._scalars[value] = self._scalar(np.asarray(value, np.int32))
+    return self._scalars[value]
+
+  def prefetch(self, batches: Iterable[dict], size: int = 2, put=None) -> Iterator[dict]:
+    """Keeps `size` batches in flight to the devices so steps never wait on a copy.
+    `put` places one host batch (default `put_batch`; `put_batches` for blocks)."""
+    put = put or self.put_batch
+    queue = collections.deque()
+    for batch in batches:
+      queue.append(put(batch))
+      if len(queue) > size:
+        yield queue.popleft()
+    while queue:
+      yield queue.popleft()
+
+  def eval_batch_size(self, requested: int) -> int:
+    """`requested` rounded up to a multiple of the data axis (the padding is masked)."""
+    return -(-requested // self.data_size) * self.data_size
+
+  def _cached(self, key, build):
+    if key not in self._compiled:
+      self._compiled[key] = build()
+    return self._compiled[key]
+
+  def train_step(self, state, batch, layout=None):
+    """One `step.train_step` on a placed global batch."""
+    layout = self.state_layout(state) if layout is None else layout
+
+    def build():
+      fn = lambda state, batch, axis_name, constrain=None: step_lib.train_step(
+          state, batch, axis_name, self.sync_grads)
+      return self.compile(fn, (Kind.STATE, Kind.ROWS), (Kind.STATE, Kind.REPLICATED), layout,
+                          donate=(0,))
+    return self._cached(('train_step', layout_key(layout)), build)(state, batch)
+
+  def eval_step(self, state, batch, tta: int = 0, layout=None):
+    """`step.eval_step` with test-time augmentation level `tta` (compiled once per level)."""
+    layout = self.state_layout(state) if layout is None else layout
+
+    def build():
+      fn = lambda state, batch, axis_name, constrain=None: (
+          step_lib.eval_step(state, batch, axis_name, tta),)
+      compiled = self.compile(fn, (Kind.STATE, Kind.ROWS), (Kind.REPLICATED,), layout)
+      return lambda state, batch: compiled(state, batch)[0]
+    return self._cached(('eval_step', tta, layout_key(layout)), build)(state, batch)
+
+  def train_dispatch(self, pipeline: str, config, layout=None):
+    """`run(state, carry, feed, num_steps) -> (state, carry)`: one dispatch.
+
+    `feed` is a block of host batches (`put_batches`) or the device-resident
+    train split (`put_data`); see `dispatch.train_steps`. With `loop_dispatch`
+    it is one compiled call, else one call of the compiled step per step.
+    """
+    layout = self.replicated if layout is None else layout
+    fields = tuple(config[f] for f in DEVICE_BATCH_FIELDS) if pipeline == 'device' else ()
+    key = ('train', pipeline, fields, self.loop_dispatch, layout_key(layout))
+    return self._cached(key, lambda: self._build_train_dispatch(pipeline, config, layout))
+
+  def _build_train_dispatch(self, pipeline: str, config, layout):
+    sync, loop = self.sync_grads, self.loop_dispatch
+
+    def fn(state, carry, feed, first, last, axis_name, constrain=None):
+      make_batch = dispatch.make_batch_fn(pipeline, config, axis_name, constrain)
+      return dispatch.train_steps(state, carry, feed, first, last, make_batch=make_batch,
+                                  axis_name=axis_name, sync_grads=sync, loop=loop)
+
+    feed_kind = Kind.BATCHES if pipeline == 'host' else Kind.DATA
+    jitted = self.compile(fn, (Kind.STATE, Kind.REPLICATED, feed_kind, Kind.SCALAR, Kind.SCALAR),
+                          (Kind.STATE, Kind.REPLICATED), layout, donate=(0, 1))
+    executable = []
+
+    def compiled(*args):
+      # Compiled ahead of time at the first call, to read its memory statistics. The
+      # executable checks its arguments itself; others (e.g. a state with another
+      # schedule) go through jit's own cache.
+      if not executable:
+        executable.append(jitted.lower(*args).compile())
+        self.memory = _memory_stats(executable[0])
+      try:
+        return executable[0](*args)
+      except TypeError:  # Raised before anything runs or is donated.
+        return jitted(*args)
+
+    def run(state, carry, feed, num_steps):
+      if loop:
+        return compiled(state, carry, feed, self.put_scalar(0), self.put_scalar(num_steps))
+      for i in range(num_steps):
+        state, carry = compiled(state, carry, feed, self.put_scalar(i), self.put_scalar(i + 1))
+      return state, carry
+
+    return run
+
+  def eval_dispatch(self, config, tta: int = 0, layout=None):
+    """Compiled `(state, test_data) -> sums` over the whole device-resident test split,
+    with test-time augmentation level `tta`."""
+    layout = self.replicated if layout is None else layout
+    batch_size = self.eval_batch_size(config.eval_batch_size)
+    dataset = config.dataset
+
+    def build():
+      def fn(state, feed, axis_name, constrain=None):
+        return (dispatch.eval_all(state, feed, batch_size=batch_size, dataset=dataset,
+                                  axis_name=axis_name, constrain=constrain, tta=tta),)
+
+      compiled = self.compile(fn, (Kind.STATE, Kind.DATA), (Kind.REPLICATED,), layout)
+      return lambda state, feed: compiled(state, feed)[0]
+    return self._cached(('eval', batch_size, dataset, tta, layout_key(layout)), build)
+
+
+def _memory_stats(executable) -> dict:
+  """Per-device bytes of a compiled executable's temporaries (XLA's buffer assignment), or {}
+  where the platform does not report them."""
+  try:
+    analysis = executable.memory_analysis()
+  except (NotImplementedError, RuntimeError, AttributeError):
+    return {}
+  if analysis is None:
+    return {}
+  if isinstance(analysis, (list, tuple)):  # One per device under some backends.
+    analysis = analysis[0]
+  return {'temp_bytes_per_device': int(analysis.temp_size_in_bytes)}
+
