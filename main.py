@@ -10,7 +10,7 @@ import logging as pylogging
 import os
 import sys
 
-# Workdir and data I/O on gs:// through gcsfs / google-cloud-storage (cifar_jax/storage.py),
+# Workdir and data I/O on gs:// through gcsfs / google-cloud-storage (cifar_jax/runtime/),
 # not TensorFlow's GCS client, unless the environment says otherwise. Before epath is used.
 os.environ.setdefault('EPATH_USE_TF', 'false')
 
@@ -19,8 +19,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cifar_jax import config_checks, train
-from cifar_jax.runtime import distributed, xla_cpu
 from cifar_jax.errors import UserError
+from cifar_jax.runtime import distributed, xla_cpu
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.',

@@ -119,6 +119,16 @@ class TensorBoardWriter:
   (steps re-run after a resume), so every step shows once. On an object store a
   file is rewritten whole at each flush, so a new file is started after
   `roll_bytes`.
+
+  Why not tensorboardX (2.6.5, read 2026-12-02), which also needs no TensorFlow and
+  whose `purge_step` writes the same SessionLog START: its gs:// writer keeps the
+  whole file in memory and uploads all of it at every flush, with no size bound (a
+  long run's event file is rewritten whole every time, growing without end), and it
+  reaches the bucket through its own google-cloud-storage client rather than the
+  one path layer (`storage`) that throttles uploads to one per 10 s and flushes
+  before every checkpoint; its writes go through a background thread and queue, so
+  "durable before the checkpoint" would rest on its flush semantics too. Keeping
+  ours costs ~80 lines on tensorboard's own protos and record writer.
   """
 
   def __init__(self, logdir, start_step: int = 0, roll_bytes: int = 4 << 20):
