@@ -113,3 +113,13 @@ def test_the_step_and_the_serving_model_pull_in_no_io(module):
   io = sorted(i for i in everything if any(i == x or i.startswith(x + '.') for x in IO))
   assert not io, f'{module} reaches {io}'
   assert 'cifar_jax.data.sources' not in reached
+
+
+def test_readme_layout_names_every_module():
+  text = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
+  layout = text[text.index('## Layout'):]
+  for module, path in MODULES.items():
+    name = os.path.relpath(path, PACKAGE)
+    if name.endswith('__init__.py') and module != 'cifar_jax.models':
+      continue  # Package docstrings; the models registry is listed.
+    assert name in layout or os.path.basename(name) in layout, f'README Layout lacks {name}'
