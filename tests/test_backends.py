@@ -36,6 +36,7 @@ def test_there_are_8_devices():
 
 
 @pytest.mark.parametrize('name', parallel.BACKENDS)
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_backend_gives_the_same_params_and_stats_as_one_device(results, name):
   ref_state, ref_metrics, ref_eval = results['jit_1device']
   state, metrics, sums = results[name]
@@ -55,6 +56,7 @@ def test_backend_gives_the_same_params_and_stats_as_one_device(results, name):
     assert sums[k] == pytest.approx(v, rel=1e-3), k
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_training_moved_the_params(results):
   # Guards the comparison above against a step that does nothing.
   fresh = create_train_state(_config_like(), jax.random.key(0), 256)
@@ -68,6 +70,7 @@ def _config_like():
 
 
 @pytest.mark.parametrize('name', parallel.BACKENDS)
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_exact_eval_count_when_split_is_not_divisible_by_batch(name):
   from cifar_jax import train
   config = _config_like()

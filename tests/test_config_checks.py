@@ -80,6 +80,7 @@ def test_good_config_passes(small_config):
 
 
 @pytest.mark.tensorflow  # the host pipeline or the tfds source
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_shipped_configs_are_valid():
   from configs import airbench, cpu, default, gpu, tpu
   for module in (default, cpu, gpu, tpu, airbench):

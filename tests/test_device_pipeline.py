@@ -70,6 +70,7 @@ def test_shuffled_index_depends_on_the_key_and_is_not_the_identity():
   assert np.mean(a == np.arange(1000)) < 0.02 and abs(np.corrcoef(a, np.arange(1000))[0, 1]) < 0.1
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_same_batches_on_1_4_and_8_devices_under_every_backend(feed):
   config = _config(cutout=8)
   steps = [0, 1, 5, 7]  # Two epochs of 3 steps.
@@ -122,6 +123,7 @@ def test_augmentation_is_sane_and_depends_on_the_seed(feed):
   assert not np.array_equal(images, other)
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_device_eval_counts_every_example_like_the_host_eval():
   from cifar_jax import create_train_state, train
   from cifar_jax.data.sources import synthetic

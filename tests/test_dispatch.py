@@ -47,6 +47,7 @@ def _assert_identical(a, b):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_1_and_k_steps_per_call_are_bit_identical_on_one_device(setup):
   config, data = setup
   runs = {}
@@ -66,6 +67,7 @@ def test_1_and_k_steps_per_call_are_bit_identical_on_one_device(setup):
 
 
 @pytest.mark.tensorflow  # the host pipeline or the tfds source
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_host_blocks_of_16_give_the_step_by_step_result(setup):
   from cifar_jax import train
   config, data = setup
@@ -78,6 +80,7 @@ def test_host_blocks_of_16_give_the_step_by_step_result(setup):
 
 
 @pytest.mark.parametrize('name, loop', [('pmap', False), ('shard_map', True)])
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_the_first_non_finite_step_is_tracked_on_the_device(setup, name, loop):
   config, data = setup
   backend = parallel.create_backend(name, loop_dispatch=loop)

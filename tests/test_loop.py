@@ -65,6 +65,7 @@ class _Recorder(loop.Hooks):
     self.saves.append(step)
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_hooks_see_every_dispatch_and_save_and_the_trace_holds_exactly_the_window(
     small_config, tmp_path):
   from jax.profiler import ProfileData  # pylint: disable=import-outside-toplevel

@@ -30,6 +30,7 @@ def test_cifar100_heads_have_100_outputs():
 
 
 @pytest.mark.parametrize('name', ['tutorial_cnn', 'resnet20', 'fast_cnn'])
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_forward_gives_logits_and_bf16_keeps_float32_params(name):
   model = models.create_model(name, 10, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   model.eval()
@@ -70,6 +71,7 @@ def test_airbench_has_airbench94s_layers_and_parameter_count():
   assert _abstract_count('airbench') == 2 * 2 * 3 * 24 + 24 + blocks + 256 * 10 == 1_971_640
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_airbench_widths_and_odd_sizes():
   model = models.create_model('airbench', 10, rngs=nnx.Rngs(0), widths=(8, 16, 32))
   model.eval()
@@ -107,6 +109,7 @@ def test_vit_sizes(name, expected):
   assert _abstract_count(name) == pytest.approx(expected, rel=0.01)
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_vit_forward_and_no_batchnorm():
   model = models.create_model('vit_micro', 100, rngs=nnx.Rngs(0))
   assert model(jnp.ones((2, 32, 32, 3))).shape == (2, 100)
@@ -114,6 +117,7 @@ def test_vit_forward_and_no_batchnorm():
 
 
 @pytest.mark.parametrize('name', ['fast_cnn', 'vit_micro'])
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_remat_gives_the_same_step_and_checkpoints_every_block(small_config, name):
   # Same numbers, and every block is a checkpoint in the program. (What it saves is the
   # compiler's to decide: test_sharding checks wrn28_10's temporaries halve.)

@@ -54,6 +54,7 @@ def test_per_1024_units_are_airbench_pytorch_sgd_on_a_summed_loss():
     np.testing.assert_allclose(ours[k], want[k], rtol=2e-5, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_default_fields_build_exactly_the_classic_optimizer(small_config):
   # Without groups the optimizer (and so its checkpointed state) is what it always was.
   state = create_train_state(small_config, jax.random.key(0), 256)
@@ -69,6 +70,7 @@ def test_default_fields_build_exactly_the_classic_optimizer(small_config):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_airbench_groups_freeze_the_whitening_kernel_and_stop_its_bias():
   config = default.get_config()
   config.update(model='airbench', model_widths=(8, 16, 16), batch_size=32, num_epochs=4.0,

@@ -102,6 +102,7 @@ def _relative_error(got, ref, start):
 # resnet18 rather than wrn28_10 (docs/large_models.md's table): the same layout rules, a ninth the compute.
 @pytest.mark.parametrize('model, batch_size, measure_floor', [('resnet18', 8, True),
                                                               ('vit_small', 8, False)])
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_fsdp_and_tensor_parallel_give_the_replicated_numbers(model, batch_size, measure_floor):
   from configs import default
   config = default.get_config()
@@ -135,6 +136,7 @@ def test_fsdp_and_tensor_parallel_give_the_replicated_numbers(model, batch_size,
     assert nbytes <= 1.25 * replicated_bytes / 8, (name, nbytes, replicated_bytes)
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_remat_halves_wrn28_10_step_temporaries_on_8_devices():
   # Compile only. XLA:CPU keeps the recomputation only where it pays (measured with
   # benchmarks/memory.py: wrn28_10 0.56 -> 0.28 GiB; vit_small 0.47 -> 0.47 GiB; a

@@ -13,6 +13,7 @@ def _batch(n=32, seed=0):
   return {'image': jnp.asarray(images), 'label': jnp.asarray(labels)}
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_public_step_is_jittable_as_is_and_learns(small_config):
   state = create_train_state(small_config, jax.random.key(0), num_train_examples=256)
   step = jax.jit(train_step)
@@ -26,6 +27,7 @@ def test_public_step_is_jittable_as_is_and_learns(small_config):
   assert set(metrics) >= {'train_loss', 'train_accuracy', 'learning_rate', 'grad_norm'}
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_step_is_pure_its_inputs_untouched_and_nothing_carried_between_calls(small_config):
   state = create_train_state(small_config, jax.random.key(0), 256)
   other = create_train_state(small_config, jax.random.key(1), 256)
@@ -44,6 +46,7 @@ def test_step_is_pure_its_inputs_untouched_and_nothing_carried_between_calls(sma
       jax.tree.leaves(a.params), jax.tree.leaves(state.params)))
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_batch_stats_and_ema_move(small_config):
   state = create_train_state(small_config, jax.random.key(0), 256)
   new, _ = jax.jit(train_step)(state, _batch())
@@ -62,6 +65,7 @@ def test_ema_off_means_no_ema_params(small_config):
   assert create_train_state(small_config, jax.random.key(0), 256).ema_params is None
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_weight_decay_skips_biases_and_norm_parameters(small_config):
   small_config.learning_rate = 1.0
   small_config.momentum = 0.0
@@ -78,6 +82,7 @@ def test_weight_decay_skips_biases_and_norm_parameters(small_config):
       assert p.ndim == 1 and np.allclose(u, 0)
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_eval_step_counts_only_unmasked_examples(small_config):
   state = create_train_state(small_config, jax.random.key(0), 256)
   batch = _batch(16)
@@ -105,6 +110,7 @@ def test_learning_rate_scales_with_batch_and_peaks_after_warmup(small_config, sc
 
 
 @pytest.mark.parametrize('optimizer', optimizers.OPTIMIZERS)
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_every_optimizer_trains(small_config, optimizer):
   small_config.optimizer = optimizer
   small_config.learning_rate = 0.01 if optimizer == 'adamw' else 0.2
@@ -115,6 +121,7 @@ def test_every_optimizer_trains(small_config, optimizer):
   assert np.isfinite(float(m['train_loss'])) and float(m['train_loss']) < float(m0['train_loss'])
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_half_precision_keeps_float32_state(small_config):
   small_config.half_precision = True
   state = create_train_state(small_config, jax.random.key(0), 256)
@@ -129,6 +136,7 @@ def _airbench_config(small_config, **kw):
   return small_config
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_lookahead_pulls_fast_weights_to_the_slow_ones(small_config):
   config = _airbench_config(small_config, num_train_steps=4, lookahead_every=2,
                             lookahead_decay=0.5, momentum=0.0)
@@ -155,6 +163,7 @@ def test_lookahead_pulls_fast_weights_to_the_slow_ones(small_config):
     np.testing.assert_array_equal(now, slow)
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_tta_levels_average_the_documented_views(small_config):
   state = create_train_state(_airbench_config(small_config), jax.random.key(0), 256)
   model = state.model()
@@ -170,6 +179,7 @@ def test_tta_levels_average_the_documented_views(small_config):
   np.testing.assert_allclose(step_lib.tta_logits(model, x, 2), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_tta_eval_counts_every_example_of_a_split_not_divisible_by_the_batch(small_config):
   from cifar_jax import parallel, train
   from cifar_jax import step as step_lib
@@ -199,6 +209,7 @@ def _flat(tree):
   return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_micro_batches_equal_one_batch_without_batchnorm(small_config):
   # vit has no BatchNorm: 4 micro-batches of 8 are one batch of 32, to float tolerance.
   small_config.update(model='vit_micro', ema_decay=0.9, label_smoothing=0.1)
@@ -222,6 +233,7 @@ def test_micro_batches_equal_one_batch_without_batchnorm(small_config):
       small_config, jax.random.key(0), 256).params)).max() > 1e-3  # It trained.
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_micro_batches_use_strided_micro_batch_statistics(small_config):
   # With BatchNorm, micro-batch j is rows j, j+m, ...; the gradient is the mean of the
   # micro-batches' gradients and the running statistics get the mean of their updates.

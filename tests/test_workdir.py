@@ -65,6 +65,7 @@ def test_an_old_checkpoint_restores_bit_identically(old_run):
   assert config.lookahead_every == 2 and state.lookahead is not None
 
 
+@pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_an_old_run_evaluates_as_it_did_and_resumes(old_run):
   config = workdir_lib.read_config(old_run)
   config.compilation_cache_dir = ''
