@@ -36,11 +36,12 @@ def test_the_meter_averages_and_leaves_paused_time_out():
 
 def test_progress_counts_the_steps_the_devices_finished(caplog):
   @jax.jit
-  def slow(x):  # Still running when `dispatched` looks at it.
-    return jax.lax.fori_loop(0, 400, lambda i, y: jnp.tanh(y @ y), x)
+  def slow(x):  # ~1 s on a CPU: still running when `dispatched` looks at it.
+    return jax.lax.fori_loop(0, 4000, lambda i, y: jnp.tanh(y @ y), x)
 
-  progress = loop.Progress(0, 10, every_secs=0.0)
   x = jnp.ones((256, 256)) / 256
+  jax.block_until_ready((slow(x), jnp.copy(x)))  # Compiled off the clock.
+  progress = loop.Progress(0, 10, every_secs=0.0)
   with caplog.at_level(logging.INFO):
     out = slow(x)
     progress.dispatched(1, out)
