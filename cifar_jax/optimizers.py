@@ -87,7 +87,7 @@ def param_labels(model: nnx.Module, params, separate_norm_biases: bool = True) -
   exactly the ungrouped ones).
 
   BatchNorm biases are NORM_BIAS (if `separate_norm_biases`); the kernel of a
-  `models.Whitening` layer is FROZEN and its bias WHITEN_BIAS; the rest DEFAULT.
+  `models.airbench.Whitening` layer is FROZEN and its bias WHITEN_BIAS; the rest DEFAULT.
   """
   groups = {}
   for path, module in nnx.iter_modules(model):

@@ -80,4 +80,5 @@ def load_state(workdir: str, checkpoint: str = 'best'):
     raise UserError(f'{directory} holds no checkpoint; train first')
   step = int(state.step)
   weights = 'EMA weights' if state.ema_params is not None else 'weights'
-  return config, state, step, f'{"best" if use_best else "checkpoint"} {directory}/{step} ({weights})'
+  source = f'{"best" if use_best else "checkpoint"} {directory}/{step} ({weights})'
+  return config, state, step, source

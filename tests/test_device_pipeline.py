@@ -132,8 +132,8 @@ def test_device_eval_counts_every_example_like_the_host_eval():
   data = synthetic('cifar10', 'test')
   data = type(data)(data.images[:203], data.labels[:203])  # 203 = 3 * 56 + 35.
   state = create_train_state(config, jax.random.key(0), 256)
-  host = train.evaluate(parallel.create_backend('jit'), parallel.create_backend('jit').put_state(state), data,
-                        config)
+  jit = parallel.create_backend('jit')
+  host = train.evaluate(jit, jit.put_state(state), data, config)
   for name in parallel.BACKENDS:
     backend = parallel.create_backend(name)
     got = train.evaluate(backend, backend.put_state(state), data, config,

@@ -24,7 +24,8 @@ def test_final_eval_records_confusion_matrix_and_class_accuracy(trained_run):
   records = [r for r in metrics_records(trained_run) if 'confusion_matrix' in r]
   assert [r['step'] for r in records] == [8]  # The final eval only.
   confusion = np.asarray(records[0]['confusion_matrix'])
-  final = [r for r in metrics_records(trained_run) if r.get('step') == 8 and 'eval_accuracy' in r][-1]
+  final = [r for r in metrics_records(trained_run)
+           if r.get('step') == 8 and 'eval_accuracy' in r][-1]
   assert confusion.shape == (10, 10) and confusion.sum() == final['eval_count'] == 102
   assert np.trace(confusion) / confusion.sum() == pytest.approx(final['eval_accuracy'])
   assert set(records[0]['class_accuracy']) == set(CLASS_NAMES['cifar10'])

@@ -15,7 +15,8 @@ from flax import nnx
 
 from cifar_jax import create_train_state, models, workdir as workdir_lib
 from cifar_jax.data.cifar import CLASS_NAMES, normalize
-from cifar_jax.serving import export as export_lib, images as images_lib, model as model_lib, predict as predict_lib
+from cifar_jax.serving import (export as export_lib, images as images_lib, model as model_lib,
+                               predict as predict_lib)
 
 # Real CIFAR-10 images for the export checks, when given: a .tar.gz of CIFAR-10 JPEGs.
 REAL_JPEGS = os.environ.get('CIFAR_JAX_TEST_JPEGS', '')
