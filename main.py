@@ -8,6 +8,7 @@ draws the run's plots; these read the run's own config.json (no --config).
 """
 import logging as pylogging
 import os
+import re
 import sys
 
 # Workdir and data I/O on gs:// through gcsfs / google-cloud-storage (cifar_jax/runtime/),
@@ -62,6 +63,32 @@ class _OnlyWarningsFromLibraries(pylogging.Filter):
     return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in noisy)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a mistake in `--config` or its overrides (an unknown field, a
+  value of the wrong type, a config file that cannot be loaded) as one `error:` line and
+  exit status 2 instead of tracebacks; --help and --helpfull work as ever."""
+  try:
+    remaining = FLAGS(argv)
+    if FLAGS.config is not None:
+      FLAGS.config.get('model')  # A config file that could not be loaded raises here.
+    return remaining
+  except flags.Error as e:  # A value of the wrong type, an unknown flag.
+    problem = str(e).strip().splitlines()[0]
+  except (OSError, SyntaxError) as e:  # The config file.
+    cause = e.__cause__ or e
+    lines = [l.strip() for l in str(cause).splitlines() if l.strip()]
+    problem = f'--config cannot be loaded: {lines[-1] if lines else type(cause).__name__}'
+  except AttributeError as e:  # ml_collections: an unknown field, with its own suggestion.
+    text = str(e).encode().decode('unicode_escape')
+    field = re.search(r"'(\w+)'", text)
+    guess = re.search(r'Did you mean "(\w+)"', text)
+    problem = (f'config has no field {field.group(1) if field else text}'
+               + (f'; did you mean {guess.group(1)}?' if guess else ''))
+  print(f'error: {problem} (the fields and their meanings: configs/default.py)',
+        file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -104,4 +131,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

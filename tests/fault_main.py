@@ -51,4 +51,4 @@ if __name__ == '__main__':
   kind, at = fault[len('--fault='):].split('@')
   train.train_and_evaluate = functools.partial(train.train_and_evaluate,
                                                hooks=FaultHooks(kind, int(at)))
-  app.run(cli.main)
+  app.run(cli.main, flags_parser=cli.parse_flags)

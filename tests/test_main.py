@@ -84,9 +84,28 @@ def test_bad_config_exits_with_one_error_line_before_compiling(tmp_path, overrid
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
 
 
-def test_unknown_config_field_is_refused(tmp_path):
-  result = run_main(str(tmp_path), '--config.batchsize=64', timeout=120)
-  assert result.returncode != 0 and 'batchsize' in result.stderr
+@pytest.mark.parametrize('args, message', [
+    (['--config.batchsize=64'],
+     'error: config has no field batchsize; did you mean batch_size?'),
+    (['--config.batch_size=abc'],
+     "error: flag --config.batch_size=abc: invalid literal for int() with base 10: 'abc'"),
+    (['--config=configs/nope.py'],
+     "error: --config cannot be loaded: [Errno 2] No such file or directory: 'configs/nope.py'"),
+])
+def test_a_config_mistake_is_one_error_line_and_exit_2(tmp_path, args, message):
+  result = run_main(str(tmp_path / 'w'), *args, timeout=120)
+  errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+  assert errors[0].startswith(message) and 'configs/default.py' in errors[0], errors[0]
+  assert 'Traceback' not in result.stderr and not os.path.exists(tmp_path / 'w')
+
+
+def test_helpfull_still_lists_the_flags(tmp_path):
+  result = subprocess.run([sys.executable, 'main.py', '--helpfull'], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+  out = result.stdout + result.stderr
+  assert '--workdir' in out and '--config' in out  # (absl exits 1 after the help.)
+  assert 'error:' not in out and 'Traceback' not in out
 
 
 def _without_tensorflow(tmp_path):
