@@ -42,15 +42,15 @@ def test_progress_counts_the_steps_the_devices_finished(caplog):
   x = jnp.ones((256, 256)) / 256
   jax.block_until_ready((slow(x), jnp.copy(x)))  # Compiled off the clock.
   progress = loop.Progress(0, 10, every_secs=0.0)
+  lines = lambda: [r.getMessage() for r in caplog.records if r.getMessage().startswith('Step ')]
   with caplog.at_level(logging.INFO):
     out = slow(x)
-    progress.dispatched(1, out)
+    progress.dispatched(1, out)  # Dispatched, not finished: nothing to report yet.
+    assert not lines()
     jax.block_until_ready(out)
-    progress.dispatched(2, out + 1)
-    progress.dispatched(10, out + 2)
-  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('Step ')]
-  assert lines[0].startswith('Step 2/10 (20.0%)') and lines[-1].startswith('Step 10/10 (100.0%)')
-  assert not any(line.startswith('Step 1/') for line in lines)
+    progress.dispatched(10, out + 1)  # The last step: waits for it, then reports it.
+  assert lines()[-1].startswith('Step 10/10 (100.0%)')
+  assert all(line.split()[1] in ('1/10', '10/10') for line in lines())
 
 
 class _Recorder(loop.Hooks):
