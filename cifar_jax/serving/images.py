@@ -14,8 +14,6 @@ import numpy as np
 from cifar_jax.data.cifar import IMAGE_SIZE
 from cifar_jax.runtime import storage
 
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
-
 
 def expand_inputs(inputs: list[str]) -> list[str]:
   """Files, folders (their files, sorted, not recursive) and globs -> file paths. gs://
