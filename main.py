@@ -20,8 +20,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cifar_jax import config_checks, train
-from cifar_jax.errors import UserError
-from cifar_jax.runtime import distributed, xla_cpu
+from cifar_jax.errors import ResourceError, UserError
+from cifar_jax.runtime import distributed, faults, lease, xla_cpu
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
@@ -52,15 +52,54 @@ flags.DEFINE_integer('distributed_timeout_s', 300,
                      'Seconds to wait for every process to join at start-up.')
 flags.DEFINE_integer('heartbeat_timeout_s', 100,
                      'A process silent this long is declared dead and every process stops.')
+flags.DEFINE_float('lease_timeout_s', lease.DEFAULT_TIMEOUT_S,
+                   'A gs:// workdir lease whose heartbeat is this old belongs to a run that '
+                   'is gone, and is taken over (local leases need no timeout).')
+flags.DEFINE_bool('debug', False, 'Show the traceback behind an `error:` line, and the '
+                  "libraries' own error logs in full.")
 flags.mark_flags_as_required(['workdir'])
 
 
 class _OnlyWarningsFromLibraries(pylogging.Filter):
-  """Orbax and TF log every checkpoint detail at INFO; keep their warnings only."""
+  """Orbax and TF log every checkpoint detail at INFO; keep their warnings and errors only,
+  and those in one line: an error they log with a traceback (Orbax's background save
+  threads do, several times per failure) also reaches the main thread, where it becomes
+  our `error:` line or, if it is a bug, keeps its traceback. --debug keeps theirs."""
 
   def filter(self, record):
     noisy = ('/orbax/', '/tensorflow/', '/etils/')
-    return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in noisy)
+    if not any(n in record.pathname for n in noisy):
+      return True
+    if record.levelno < pylogging.WARNING:
+      return False
+    if record.exc_info and not FLAGS.debug:
+      record.msg, record.args = record.getMessage().splitlines()[0][:300], ()
+      record.exc_info = record.exc_text = None
+    return True
+
+
+def _quiet_closed_event_loops(unraisable) -> None:
+  """Once Orbax's asynchronous save has failed it closes its event loop while TensorStore
+  writes are still in flight; each of those then reports "Event loop is closed" as an
+  unraisable exception: dozens of tracebacks after a disk-full, saying nothing that the
+  `error:` line does not. Every other unraisable exception is printed as ever."""
+  value = unraisable.exc_value
+  if (not FLAGS.debug and isinstance(value, RuntimeError)
+      and str(value) == 'Event loop is closed'):
+    return
+  sys.__unraisablehook__(unraisable)
+
+
+def _fail(problem: str, status: int) -> None:
+  """Ends the process with the one `error:` line."""
+  print(f'error: {problem}', file=sys.stderr, flush=True)
+  if status == ResourceError.exit_status:
+    # A storage fault can leave Orbax's background threads still failing; an interpreter
+    # shutdown would print their tracebacks. Everything of ours is closed by now.
+    logging.flush()
+    sys.stdout.flush()
+    os._exit(status)  # pylint: disable=protected-access
+  sys.exit(status)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -93,6 +132,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_OnlyWarningsFromLibraries())
+  sys.unraisablehook = _quiet_closed_event_loops
   # Before any JAX backend starts: XLA reads XLA_FLAGS once.
   logging.info('XLA:CPU convolutions: %s.', xla_cpu.use_fast_convolutions())
   try:
@@ -121,10 +161,17 @@ def main(argv):
       if FLAGS.mode == 'eval':
         result = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
       else:
-        result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
+        result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change,
+                                          lease_timeout_s=FLAGS.lease_timeout_s)
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    if FLAGS.debug:
+      raise
+    _fail(str(e), e.exit_status)
+  except Exception as e:  # pylint: disable=broad-except
+    fault = faults.find(e)  # No space, no permission, a path of the wrong kind: one line.
+    if fault is None or FLAGS.debug:
+      raise
+    _fail(faults.describe(fault, f'--mode={FLAGS.mode}'), ResourceError.exit_status)
   logging.info('Result: %s', result)
   print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                  for k, v in sorted(result.items())))

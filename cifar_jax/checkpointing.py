@@ -11,7 +11,9 @@ checkpoint as the latest. Orbax decides what is complete: locally it writes a
 temporary directory and renames it; on gs:// (no rename) it writes the step's
 directory in place and marks it complete with `commit_success.txt` last, and
 lists only marked steps. A damaged checkpoint is skipped with a warning, never
-deleted.
+deleted. A save that never completed (the process was killed, the disk filled) leaves
+a `<step>.orbax-checkpoint-tmp` directory: no restore reads it, and the next training
+run's managers delete it (`cleanup_tmp_directories`) once they hold the workdir's lease.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ def create_manager(workdir, max_to_keep: int = 3) -> ocp.CheckpointManager:
       checkpoints_dir(workdir),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
-          multiprocessing_options=_barrier_prefix('checkpoints')))
+          cleanup_tmp_directories=True, multiprocessing_options=_barrier_prefix('checkpoints')))
 
 
 def open_read_only(workdir, directory=None) -> ocp.CheckpointManager:
@@ -81,11 +83,16 @@ def create_best_manager(workdir) -> ocp.CheckpointManager:
       options=ocp.CheckpointManagerOptions(
           max_to_keep=1, best_fn=lambda metrics: metrics['eval_accuracy'], best_mode='max',
           keep_checkpoints_without_metrics=False, create=True, enable_async_checkpointing=True,
-          multiprocessing_options=_barrier_prefix('best')))
+          cleanup_tmp_directories=True, multiprocessing_options=_barrier_prefix('best')))
 
 
 def _arrays(state: TrainState) -> dict:
   return {f: getattr(state, f) for f in _FIELDS if getattr(state, f) is not None}
+
+
+def nbytes(state: TrainState) -> int:
+  """The bytes a checkpoint of `state` holds (every array once, whatever its sharding)."""
+  return sum(x.nbytes for x in jax.tree.leaves(_arrays(state)))
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, step: int,

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import itertools
+import os
+import re
+import sys
 import tempfile
 import time
 
@@ -21,8 +25,8 @@ from absl import logging
 from cifar_jax import (checkpointing, config_checks, dispatch, loop, metric_logging, optimizers,
                        parallel, report as report_lib, step as step_lib, workdir as workdir_lib)
 from cifar_jax.data import cifar, device_pipeline, sources
-from cifar_jax.errors import UserError
-from cifar_jax.runtime import compilation_cache, preemption, storage
+from cifar_jax.errors import ResourceError, UserError
+from cifar_jax.runtime import compilation_cache, faults, lease as lease_lib, preemption, storage
 
 
 # --- setup: shared by training and --mode=eval ------------------------------------------
@@ -179,12 +183,15 @@ def _mib(nbytes) -> str:
 # --- training -------------------------------------------------------------------------------
 class _Checkpoints:
   """The loop's checkpoints: never a state that went NaN, every metrics record durable
-  before the checkpoint of its step can be, and the best-by-accuracy one apart."""
+  before the checkpoint of its step can be, the best-by-accuracy one apart, and a save
+  that fails for lack of space or permission (also in Orbax's background part) one
+  `error:` line that names the last complete checkpoint, which it never touches."""
 
-  def __init__(self, workdir: str, config, backend, hooks: loop.Hooks):
-    self.manager = checkpointing.create_manager(workdir, config.checkpoint_max_to_keep)
-    self.best = checkpointing.create_best_manager(workdir)
-    self._backend, self._hooks = backend, hooks
+  def __init__(self, workdir: str, config, backend, hooks: loop.Hooks, lease, nbytes: int):
+    with faults.translated('opening the checkpoints', checkpointing.checkpoints_dir(workdir)):
+      self.manager = checkpointing.create_manager(workdir, config.checkpoint_max_to_keep)
+      self.best = checkpointing.create_best_manager(workdir)
+    self._backend, self._hooks, self._lease, self.nbytes = backend, hooks, lease, nbytes
     self.last_saved = None
 
   def restore(self, state):
@@ -197,27 +204,93 @@ class _Checkpoints:
   def check_finite(self, carry) -> None:
     bad = int(np.asarray(jax.device_get(carry['first_bad'])).reshape(-1)[0])
     if bad >= 0:
-      kept = f'{self.manager.directory}/{self.last_saved}' if self.last_saved is not None \
-          else 'none yet'
       raise UserError(f'non-finite loss or gradient norm at step {bad}; stopped without saving '
-                      f'it. Last good checkpoint (kept): {kept}. Lower --config.learning_rate '
-                      '(or turn off half_precision) and rerun to resume from it')
+                      f'it. Last good checkpoint (kept): {self._kept()}. Lower '
+                      '--config.learning_rate (or turn off half_precision) and rerun to '
+                      'resume from it')
+
+  def _kept(self) -> str:
+    if self.last_saved is None:
+      return 'none yet'
+    return f'{self.manager.directory}/{self.last_saved}'
+
+  @contextlib.contextmanager
+  def _writing(self, manager, step: int | None, check_space: bool = True):
+    """A failed save of `step` (None: whichever is in flight) as one line. Before it starts,
+    in a single-process run, one with too little free space fails at once: a save that
+    runs out of space midway leaves Orbax's background threads reporting for a while.
+    Orbax reports an asynchronous failure at the next save or wait; the step it names is
+    the one whose temporary directory failed."""
+    if check_space and jax.process_count() == 1 and step is not None:
+      free = faults.free_bytes(manager.directory)
+      if free is not None and free < self.nbytes + (256 << 10):  # Orbax's metadata.
+        raise ResourceError(faults.describe(
+            faults.Fault(errno.ENOSPC, None), f'saving the checkpoint of step {step}',
+            manager.directory, self.nbytes, self._complete(manager)))
+    try:
+      yield
+    except ResourceError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # Orbax wraps OSErrors in many kinds.
+      fault = faults.find(e)
+      if fault is None:
+        raise
+      partial = re.match(r'(.*/(\d+)\.orbax-checkpoint-tmp)', fault.path or '')
+      if partial:
+        fault, step = faults.Fault(fault.code, partial.group(1)), int(partial.group(2))
+      what = f'saving the checkpoint of step {step}' if step is not None else 'a checkpoint save'
+      raise ResourceError(faults.describe(
+          fault, what, manager.directory, self.nbytes,
+          self._complete(manager) + ' (a partial one is deleted when the run resumes)')) from e
+
+  @staticmethod
+  def _complete(manager) -> str:
+    """What the error line says is kept: the newest complete checkpoint on disk."""
+    try:
+      manager.reload()
+      latest = manager.latest_step()
+    except Exception:  # pylint: disable=broad-except  # Only for the message.
+      return 'the complete checkpoints are intact'
+    if latest is None:
+      return 'no checkpoint was complete yet'
+    return f'the last complete checkpoint, {manager.directory}/{latest}, is intact'
+
+  def check_saves(self) -> None:
+    """Raises now if an asynchronous save has failed (Orbax would say so only at the next
+    save or wait), so that no more steps are trained that could not be saved."""
+    for manager in (self.manager, self.best):
+      with self._writing(manager, None, check_space=False):
+        manager.check_for_errors()
 
   def save(self, state, step: int, carry, writer) -> None:
     self.check_finite(carry)
+    self.check_saves()
+    self._lease.check()
     writer.flush()
-    checkpointing.save(self.manager, self._backend.get_state(state), step)
+    with self._writing(self.manager, step):
+      checkpointing.save(self.manager, self._backend.get_state(state), step)
     self.last_saved = step
     self._hooks.after_save_started(step)
 
   def save_best(self, state, step: int, metrics: dict) -> None:
-    checkpointing.save(self.best, self._backend.get_state(state), step, metrics=metrics)
+    self.check_saves()
+    self._lease.check()
+    with self._writing(self.best, step):
+      checkpointing.save(self.best, self._backend.get_state(state), step, metrics=metrics)
 
-  def wait(self) -> None:
+  def wait(self, failing: bool = False) -> None:
     """A save in flight lands before the process exits (also on an error: its message
-    points at the last checkpoint)."""
-    self.manager.wait_until_finished()
-    self.best.wait_until_finished()
+    points at the last checkpoint). `failing`: the run is already ending with an error,
+    which a failure here must not replace; it is logged instead."""
+    for manager in (self.manager, self.best):
+      try:
+        with self._writing(manager, None):
+          manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        if not failing:
+          raise
+        logging.warning('A checkpoint save in %s failed too: %s', manager.directory,
+                        str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
 
   def close(self) -> None:
     self.manager.close()
@@ -246,28 +319,76 @@ def _first_dispatch(backend, carry, started: float, memory: dict) -> dict:
   return record
 
 
-def _check_config_and_workdir(config, workdir: str, allow_config_change: bool) -> None:
-  """The config, and that it may resume the run in `workdir` (if there is one)."""
+def _hold_workdir(config, workdir: str, allow_config_change: bool,
+                  lease_timeout_s: float) -> lease_lib.Lease:
+  """Validates the config, creates `workdir`, takes its lease (one writer per workdir) and
+  checks that the config may resume the run there, if there is one. With several processes
+  process 0 holds the lease and every process learns whether it got it."""
   config_checks.validate(config, jax.device_count(), jax.process_count())
-  saved = workdir_lib.saved_config(workdir)
-  if saved is not None:
-    changed = config_checks.check_resume(saved, config, allow_config_change)
-    if changed:
-      logging.warning('Resuming with changed config fields: %s', ', '.join(changed))
-  storage.makedirs(workdir)
+  with faults.translated(f'creating --workdir={workdir}', workdir):
+    storage.makedirs(workdir)
+  held, problem = lease_lib.Lease(), None
+  if jax.process_index() == 0:
+    try:
+      with faults.translated(f'taking the lease of --workdir={workdir}', workdir):
+        held = lease_lib.acquire(workdir, lease_timeout_s)
+    except ResourceError as e:
+      problem = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    if int(multihost_utils.broadcast_one_to_all(np.int32(problem is not None))) and not problem:
+      problem = ResourceError(f'process 0 could not take the lease of {workdir} (its error '
+                              'line says why)')
+  if problem:
+    raise problem
+  try:
+    saved = workdir_lib.saved_config(workdir)
+    if saved is not None:
+      changed = config_checks.check_resume(saved, config, allow_config_change)
+      if changed:
+        logging.warning('Resuming with changed config fields: %s', ', '.join(changed))
+  except BaseException:
+    held.release()
+    raise
+  return held
+
+
+def _warn_if_short_of_space(workdir: str, config, checkpoint_bytes: int) -> None:
+  """One warning at start-up when a local workdir has less free space than the kept
+  checkpoints, one being written and the best one need."""
+  needed = (config.checkpoint_max_to_keep + 2) * checkpoint_bytes
+  free = faults.free_bytes(workdir)
+  if free is not None and free < needed:
+    message = (f'{workdir} has {faults.mib(free)} free, less than the {faults.mib(needed)} '
+               f'that {config.checkpoint_max_to_keep} + 2 checkpoints of '
+               f'{faults.mib(checkpoint_bytes)} need (config.checkpoint_max_to_keep + the one '
+               'being written + the best); a save may run out of space')
+    logging.warning('%s', message)
+    print(f'warning: {message}', file=sys.stderr, flush=True)
 
 
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
-                       hooks: loop.Hooks | None = None) -> dict:
+                       hooks: loop.Hooks | None = None,
+                       lease_timeout_s: float = lease_lib.DEFAULT_TIMEOUT_S) -> dict:
   """Trains `config` in `workdir`, resuming from its latest intact checkpoint.
 
   Returns the final eval metrics. Stops early (after a checkpoint) on SIGTERM
   or SIGINT, returning {'preempted_at_step': N}. `hooks` act between dispatches.
-  Longer than a screen on purpose: setup, the loop and the finish read top to bottom
-  in one place, each concern a named helper (`loop`, `_Checkpoints`).
+  Holds the workdir's lease throughout (`runtime.lease`; a gs:// lease whose heartbeat
+  is `lease_timeout_s` old is taken over). Raises ResourceError when the storage
+  fails the run (no space, no permission, a workdir in use).
   """
-  hooks = hooks or loop.Hooks()
-  _check_config_and_workdir(config, workdir, allow_config_change)  # Before any data or compile.
+  held = _hold_workdir(config, workdir, allow_config_change, lease_timeout_s)  # Before any compile.
+  try:
+    return _train(config, workdir, hooks or loop.Hooks(), held)
+  finally:
+    held.release()
+
+
+def _train(config, workdir: str, hooks: loop.Hooks, held: lease_lib.Lease) -> dict:
+  """train_and_evaluate's body, in a workdir it holds. Longer than a screen on purpose:
+  setup, the loop and the finish read top to bottom in one place, each concern a named
+  helper (`loop`, `_Checkpoints`)."""
   is_main = jax.process_index() == 0
 
   # --- data, devices and train state; resume from the newest intact checkpoint ---
@@ -281,7 +402,10 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
   logging.info('Train state: %s per device (%s on a data %d x model %d mesh).',
                _mib(memory['state_bytes_per_device']), config.sharding, backend.data_size,
                backend.model_size)
-  checkpoints = _Checkpoints(workdir, config, backend, hooks)
+  checkpoint_bytes = checkpointing.nbytes(state)
+  if is_main:
+    _warn_if_short_of_space(workdir, config, checkpoint_bytes)
+  checkpoints = _Checkpoints(workdir, config, backend, hooks, held, checkpoint_bytes)
   state = checkpoints.restore(state) or state
   start_step = int(state.step)
   state = backend.put_state(state, layout)
@@ -320,6 +444,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
         progress.dispatched(step, carry['first_bad'])
         if loop.itstime(step, config.log_every_steps, total_steps):
           checkpoints.check_finite(carry)
+          checkpoints.check_saves()
           writer.write_scalars(step, {**meter.record(config.batch_size),
                                       'epoch': step / epoch_steps, **first_record})
           first_record = {}
@@ -346,8 +471,10 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
       if result is None and not eval_metrics:  # Nothing left to train: still report the eval.
         eval_metrics = _eval_and_record(run, state, layout, config, writer, total_steps,
                                         total_steps, config.tta)
-    finally:
-      checkpoints.wait()
+    except BaseException:
+      checkpoints.wait(failing=True)
+      raise
+    checkpoints.wait()
 
   # --- finish ---
   checkpoints.close()

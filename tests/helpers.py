@@ -90,3 +90,34 @@ def logged_steps(workdir: str) -> list[int]:
   written, reads as what is complete)."""
   from cifar_jax import metric_logging  # pylint: disable=import-outside-toplevel
   return [r['step'] for r in metric_logging.read_records(workdir) or [] if 'train_loss' in r]
+
+
+def error_lines(stderr: str) -> list[str]:
+  """The `error:` lines of a run's stderr (a clean failure has exactly one)."""
+  return [line for line in stderr.splitlines() if line.startswith('error:')]
+
+
+_MOUNTS_WORK = None
+
+
+def namespace_mounts_work() -> bool:
+  """Whether this machine lets a process mount a tmpfs in a mount namespace of its own
+  (`unshare -rm`: as root, or unprivileged where user namespaces are allowed)."""
+  global _MOUNTS_WORK  # pylint: disable=global-statement
+  if _MOUNTS_WORK is None:
+    import shutil  # pylint: disable=import-outside-toplevel
+    import subprocess  # pylint: disable=import-outside-toplevel
+    probe = tempfile.mkdtemp(prefix='cifar_jax_mount_probe_')
+    _MOUNTS_WORK = shutil.which('unshare') is not None and subprocess.run(
+        ['unshare', '-rm', 'sh', '-c', 'mount -t tmpfs -o size=64k tmpfs "$0"', probe],
+        capture_output=True, check=False).returncode == 0
+  return _MOUNTS_WORK
+
+
+def on_small_tmpfs(mount_point: str, options: str, argv: list[str], copy_to: str) -> list[str]:
+  """`argv` run with a tmpfs (mount `options`, e.g. 'size=8m' or 'ro') at `mount_point`, in
+  a mount namespace of its own; afterwards `mount_point/run` is copied to `copy_to` (the
+  tmpfs vanishes with the namespace). The command's exit status is kept."""
+  script = ('mount -t tmpfs -o "$0" tmpfs "$1" || exit 99; m=$1; c=$2; shift 2; "$@"; s=$?; '
+            '[ -e "$m/run" ] && cp -a "$m/run" "$c"; exit $s')
+  return ['unshare', '-rm', 'sh', '-c', script, options, mount_point, copy_to, *argv]

@@ -297,3 +297,27 @@ def test_tpu_vm_detection_needs_libtpu_and_tpu_devices(monkeypatch):
   assert distributed.plan(environ={}).kind == 'cloud_tpu'
   monkeypatch.setattr(distributed.glob, 'glob', lambda pattern: [])
   assert distributed.plan(environ={}).kind == 'single'  # libtpu but no chips
+
+
+@pytest.mark.e2e
+def test_a_held_workdir_stops_every_process_with_one_error_line(tmp_path):
+  """Process 0 takes the run's lease; when another run holds it, every process stops."""
+  workdir = tmp_path / 'w'
+  workdir.mkdir()
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time; from cifar_jax.runtime import lease; '
+       'held = lease.acquire(sys.argv[1]); print("held", flush=True); time.sleep(600)',
+       str(workdir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    assert run_two(str(workdir)) == [1, 1]
+  finally:
+    holder.kill()
+    holder.wait()
+  errors = [[l for l in log(str(workdir), i).splitlines() if l.startswith('error:')]
+            for i in range(2)]
+  assert errors[0] == [e for e in errors[0] if f'in use by another run (pid {holder.pid} ' in e]
+  assert len(errors[0]) == 1
+  assert errors[1] == [f'error: process 0 could not take the lease of {workdir} (its error '
+                       'line says why)']
+  assert not os.path.exists(workdir / 'checkpoints')

@@ -16,7 +16,8 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import CACHE_FLAG, ROOT, checkpoint_arrays, logged_steps, main_command, subprocess_env
+from helpers import (CACHE_FLAG, ROOT, checkpoint_arrays, error_lines, logged_steps, main_command,
+                     namespace_mounts_work, on_small_tmpfs, subprocess_env)
 from helpers import metrics_records as records
 
 from cifar_jax import metric_logging
@@ -421,3 +422,79 @@ def test_airbench_config_trains_and_resumes_bit_identical_with_its_whitening(tmp
   assert [(r['step'], r['eval_tta'], r['eval_count']) for r in evals] == [
       (8, 0, 102), (16, 0, 102), (AIRBENCH_STEPS, 2, 102)]  # TTA at the end only; all examples.
   assert [r for r in records(resumed) if 'eval_accuracy' in r][-1] == evals[-1]
+
+
+# --- faults of the machine: the disk fills, a second run, a run that is gone -------------
+@pytest.mark.tensorflow  # the host pipeline or the tfds source
+@pytest.mark.skipif(not namespace_mounts_work(), reason='needs `unshare -rm` to mount a tmpfs')
+@pytest.mark.parametrize('fault', [None, 'blind_to_space@0'], ids=['checked', 'in_orbax'])
+def test_disk_full_at_a_save_is_one_error_line_and_the_same_command_resumes(
+    reference, tmp_path, fault):
+  """A workdir on an 8.7 MB tmpfs: checkpoint 4 and best 6 (3.4 MB each) fit, 8 does not.
+  `checked`: the free-space check refuses save 8 before it starts; `in_orbax`: with the
+  check blind, the disk fills inside Orbax's asynchronous write of 8. Either way one
+  error line, checkpoint 4 and the metrics intact, and after moving the run to a disk
+  with space the same command ends as the uninterrupted run."""
+  mount_point, kept = str(tmp_path / 'small'), str(tmp_path / 'kept')
+  os.mkdir(mount_point)
+  argv = [*main_command(fault), f'--workdir={mount_point}/run', *ARGS]
+  result = subprocess.run(on_small_tmpfs(mount_point, 'size=8700k', argv, kept), cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  [error] = error_lines(result.stderr)
+  assert error.startswith('error: saving the checkpoint of step 8 failed'), error
+  assert 'no space left on the device' in error and 'it needs about 3.' in error, error
+  assert f'{mount_point}/run/checkpoints/4, is intact' in error, error
+  assert 'Traceback' not in result.stderr
+  if fault is None:  # (Blind to space, the run cannot warn at start-up.)
+    assert 'a save may run out of space' in result.stderr
+  assert_same(arrays(kept, 4), arrays(reference, 4))
+  got = records(kept)
+  assert_logged_as_uninterrupted(got, records(reference)[:len(got)])
+  assert max(r["step"] for r in got) >= 8  # Flushed before the save of 8 began.
+
+  result = run(kept)  # "Freed space": the same run on a disk with room.
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert not [d for d in os.listdir(os.path.join(kept, 'checkpoints')) if not d.isdigit()]
+  assert_same(arrays(kept), arrays(reference))
+  assert_logged_as_uninterrupted(records(kept), records(reference))
+
+
+def _stopped(pid: int) -> bool:
+  with open(f'/proc/{pid}/stat', encoding='ascii') as f:
+    return f.read().rsplit(')', 1)[1].split()[0] == 'T'
+
+
+@pytest.mark.tensorflow  # the host pipeline or the tfds source
+def test_second_run_on_a_live_workdir_is_refused_and_a_killed_runs_lease_taken_over(
+    reference, tmp_path):
+  workdir = str(tmp_path / 'w')
+  first = subprocess.Popen([*main_command('sigstop@5'), f'--workdir={workdir}', *ARGS],
+                           cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 240
+    while not _stopped(first.pid):  # Frozen after step 5, holding its workdir.
+      assert first.poll() is None and time.time() < deadline
+      time.sleep(0.05)
+    before = {name: open(os.path.join(workdir, name), 'rb').read()
+              for name in ('metrics.jsonl', 'config.json', 'lease.json')}
+    listing = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+    second = run(workdir)
+    assert second.returncode == 1, second.stderr[-3000:]
+    [error] = error_lines(second.stderr)
+    assert f'{workdir} is in use by another run (pid {first.pid} on ' in error, error
+    assert f'kill {first.pid}' in error and 'Traceback' not in second.stderr
+    assert {name: open(os.path.join(workdir, name), 'rb').read() for name in before} == before
+    assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == listing
+  finally:
+    first.kill()  # SIGKILL: its lease stays behind, naming it.
+    first.wait()
+  third = run(workdir)  # The same command: takes the stale lease over and resumes.
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert 'warning: taking over the workdir lease of a run that is gone ' \
+         f'(pid {first.pid} on ' in third.stderr
+  assert_same(arrays(workdir), arrays(reference))
+  assert_logged_as_uninterrupted(records(workdir), records(reference))
+  with open(os.path.join(workdir, 'lease.json'), encoding='utf-8') as f:
+    assert f.read() == ''  # Released at the end.

@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers import CACHE_FLAG, ROOT, metrics_records, subprocess_env
+from helpers import (CACHE_FLAG, ROOT, error_lines, metrics_records, namespace_mounts_work,
+                     on_small_tmpfs, subprocess_env)
 
 pytestmark = pytest.mark.e2e  # Every test here launches processes.
 TINY = ['--config.model=fast_cnn', '--config.data_source=synthetic',
@@ -173,3 +174,52 @@ def test_a_gpu_config_on_a_cpu_says_so_in_one_warning_line(tmp_path):
   first_compile = next(i for i, l in enumerate(lines) if 'First step (compile included)' in l)
   assert warnings[0] < first_compile
   assert [r['step'] for r in metrics_records(str(tmp_path / 'w')) if 'train_loss' in r] == [2]
+
+
+def _unwritable(tmp_path):
+  """A directory this user may not write: its mode (or, for root, whom modes do not stop,
+  a read-only tmpfs mounted over it in the run's own mount namespace); how to run there."""
+  where = tmp_path / 'locked'
+  where.mkdir()
+  if os.geteuid() != 0:
+    where.chmod(0o500)
+    return where, lambda argv: argv
+  if not namespace_mounts_work():
+    pytest.skip('root, and no `unshare -rm` to mount a read-only file system')
+  return where, lambda argv: on_small_tmpfs(str(where), 'ro', argv, str(tmp_path / 'copy'))
+
+
+@pytest.mark.parametrize('case', ['a_file', 'under_a_file', 'unwritable'])
+def test_a_workdir_that_cannot_be_written_is_one_error_line_and_exit_1(tmp_path, case):
+  wrap = lambda argv: argv
+  if case == 'unwritable':
+    where, wrap = _unwritable(tmp_path)
+    workdir, problem = str(where / 'run'), ('permission denied', 'read-only file system')
+  else:
+    (tmp_path / 'f').write_text('a file')
+    workdir = str(tmp_path / 'f') if case == 'a_file' else str(tmp_path / 'f' / 'run')
+    problem = ('it exists and is not a directory',) if case == 'a_file' else (
+        'a part of the path is a file, not a directory',)
+  argv = [sys.executable, 'main.py', '--config=configs/cpu.py', f'--workdir={workdir}', *TINY,
+          '--config.num_train_steps=2']
+  result = subprocess.run(wrap(argv), cwd=ROOT, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=120)
+  [error] = error_lines(result.stderr)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert error.startswith(f'error: creating --workdir={workdir} failed: {workdir}: ') and any(
+      p in error for p in problem), error
+  assert 'Traceback' not in result.stderr
+
+
+def test_predict_output_that_cannot_be_written_is_one_error_line(trained_run, tmp_path):
+  workdir = trained_run
+  output = tmp_path / 'a_folder.csv'
+  output.mkdir()
+  result = subprocess.run(
+      [sys.executable, 'main.py', '--mode=predict', f'--workdir={workdir}',
+       f'--inputs={os.path.join(workdir, "report.png")}', f'--output={output}'],
+      cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+  [error] = error_lines(result.stderr)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert error.startswith(f'error: --mode=predict failed: {output}: it is a directory'), error
+  assert 'Traceback' not in result.stderr

@@ -54,8 +54,12 @@ def write_whole(p, data: bytes | str) -> None:
     return
   p.parent.mkdir(parents=True, exist_ok=True)
   tmp = p.with_name(f'{p.name}.tmp.{os.getpid()}')
-  tmp.write_bytes(data)
-  os.replace(tmp, p)
+  try:
+    tmp.write_bytes(data)
+    os.replace(tmp, p)
+  except OSError:
+    tmp.unlink(missing_ok=True)  # No half-written file left behind (e.g. the disk is full).
+    raise
 
 
 def read_text(p) -> str | None:
