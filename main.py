@@ -55,8 +55,8 @@ flags.DEFINE_integer('heartbeat_timeout_s', 100,
 flags.DEFINE_float('lease_timeout_s', lease.DEFAULT_TIMEOUT_S,
                    'A gs:// workdir lease whose heartbeat is this old belongs to a run that '
                    'is gone, and is taken over (local leases need no timeout).')
-flags.DEFINE_bool('debug', False, 'Show the traceback behind an `error:` line, and the '
-                  "libraries' own error logs in full.")
+flags.DEFINE_bool('debug', False, 'Show the traceback behind a one-line error message, and '
+                  "the libraries' own error logs in full.")
 flags.mark_flags_as_required(['workdir'])
 
 

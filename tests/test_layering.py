@@ -19,6 +19,7 @@ LAYERS = {
     'cifar_jax.serving.model': 3,
     'cifar_jax.step': 4,
     'cifar_jax.dispatch': 5,
+    'cifar_jax.population': 5,
     'cifar_jax.parallel': 6,
     'cifar_jax.checkpointing': 7,
     'cifar_jax.metric_logging': 7,
