@@ -201,7 +201,7 @@ def test_a_workdir_that_cannot_be_written_is_one_error_line_and_exit_1(tmp_path,
     problem = ('it exists and is not a directory',) if case == 'a_file' else (
         'a part of the path is a file, not a directory',)
   argv = [sys.executable, 'main.py', '--config=configs/cpu.py', f'--workdir={workdir}', *TINY,
-          '--config.num_train_steps=2']
+          '--config.num_train_steps=2', '--config.input_pipeline=device']  # (No TensorFlow.)
   result = subprocess.run(wrap(argv), cwd=ROOT, env=subprocess_env(), capture_output=True,
                           text=True, timeout=120)
   [error] = error_lines(result.stderr)
