@@ -3,7 +3,7 @@
   python benchmarks/population.py --config=configs/default.py --config.model=fast_cnn
   python benchmarks/population.py --config=configs/cpu.py --config.model_widths="(32,64,64)"
 
-The measurement behind issue 20's design (a population of models in one compiled step).
+The measurement behind cifar_jax/population.py (many models in one compiled step).
 The train step is pure, so `jax.vmap(step.train_step)` over a leading member axis of the
 train state and the batch trains N models at once: each member has its own parameters,
 BatchNorm statistics, optimizer state and batch (member i initialized with seed i), and
@@ -26,7 +26,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 from absl import app, flags  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
-from cifar_jax import step as step_lib  # pylint: disable=wrong-import-position
+from cifar_jax import population as population_lib, step as step_lib  # pylint: disable=wrong-import-position
 from cifar_jax.runtime import xla_cpu  # pylint: disable=wrong-import-position
 
 config_flags.DEFINE_config_file('config', 'configs/default.py', 'Training config to measure.',
@@ -46,17 +46,6 @@ def _batches(n: int, batch_size: int, steps: int) -> list[dict]:
       'label': rs.randint(0, 10, (n, batch_size)).astype(np.int32)}) for _ in range(steps)]
 
 
-def _members(states):
-  """The states as members of one population: the arrays of each on the first's static
-  fields (each separately built state has its own, equal but distinct, graph objects)."""
-  treedef = jax.tree.structure(states[0])
-  return [treedef.unflatten(jax.tree.leaves(s)) for s in states]
-
-
-def _stack(states):
-  return jax.tree.map(lambda *xs: np.stack(xs), *states)
-
-
 def _timed(fn, state, batches, warmup):
   """(state after all batches, seconds of the steps after `warmup`, seconds of the first)."""
   t0 = time.perf_counter()
@@ -74,19 +63,18 @@ def _timed(fn, state, batches, warmup):
 
 
 def measure(config, n: int, steps: int, warmup: int) -> dict:
-  states = _members([step_lib.create_train_state(config, jax.random.key(config.seed + i))
-                     for i in range(n)])
+  stacked = population_lib.create_state(config, n)
+  states = [population_lib.member(stacked, i) for i in range(n)]  # Each member's solo twin.
   batches = _batches(n, config.batch_size, warmup + steps)
-  population_step = jax.jit(jax.vmap(step_lib.train_step), donate_argnums=0)
-  population, pop_s, pop_first = _timed(population_step, jax.device_put(_stack(states)),
-                                        batches, warmup)
+  population_step = jax.jit(population_lib.train_step, donate_argnums=0)
+  population, pop_s, pop_first = _timed(population_step, stacked, batches, warmup)
   solo_step = jax.jit(step_lib.train_step)
   solo_s, solo_first, last = 0.0, 0.0, None
   for i, state in enumerate(states):
     member_batches = [{k: v[i] for k, v in b.items()} for b in batches]
     last, seconds, first = _timed(solo_step, state, member_batches, warmup)
     solo_s, solo_first = solo_s + seconds, solo_first or first
-  member = jax.tree.map(lambda x: x[n - 1], population.params)
+  member = population_lib.member(population, n - 1).params
   diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
              for a, b in zip(jax.tree.leaves(member), jax.tree.leaves(last.params)))
   images = n * steps * config.batch_size
