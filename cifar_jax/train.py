@@ -359,10 +359,10 @@ def _warn_if_short_of_space(workdir: str, config, checkpoint_bytes: int) -> None
   needed = (config.checkpoint_max_to_keep + 2) * checkpoint_bytes
   free = faults.free_bytes(workdir)
   if free is not None and free < needed:
-    message = (f'{workdir} has {faults.mib(free)} free, less than the {faults.mib(needed)} '
-               f'that {config.checkpoint_max_to_keep} + 2 checkpoints of '
-               f'{faults.mib(checkpoint_bytes)} need (config.checkpoint_max_to_keep + the one '
-               'being written + the best); a save may run out of space')
+    message = (f'{workdir} has {_mib(free)} free, less than the {_mib(needed)} that '
+               f'{config.checkpoint_max_to_keep} + 2 checkpoints of {_mib(checkpoint_bytes)} '
+               'need (config.checkpoint_max_to_keep + the one being written + the best); a '
+               'save may run out of space')
     logging.warning('%s', message)
     print(f'warning: {message}', file=sys.stderr, flush=True)
 

@@ -97,6 +97,13 @@ def _describe(holder: dict) -> str:
           f'{command}')
 
 
+def _warn_takeover(verb: str, workdir: str, previous: dict) -> None:
+  """The one warning of a takeover ('taking' or 'took'), on stderr and in the log."""
+  line = f'{verb} over the workdir lease of a run that is gone ({_describe(previous)})'
+  logging.warning('%s: %s', workdir, line)
+  print(f'warning: {line}', file=sys.stderr, flush=True)
+
+
 def _parse(data: bytes) -> dict | None:
   """The holder a lease file names; None if it names none (empty: released)."""
   if not data.strip():
@@ -148,10 +155,7 @@ class _LocalLease(Lease):
                           'POSIX locks; put the workdir on a local disk, NFSv4 or gs://') from e
     previous = _parse(os.pread(self._fd, 1 << 16, 0))
     if previous is not None:
-      logging.warning('Taking over the lease of %s: its holder is gone (%s).', workdir,
-                      _describe(previous))
-      print(f'warning: taking over the workdir lease of a run that is gone '
-            f'({_describe(previous)})', file=sys.stderr, flush=True)
+      _warn_takeover('taking', workdir, previous)
     os.ftruncate(self._fd, 0)
     os.pwrite(self._fd, json.dumps(holder_record()).encode('utf-8'), 0)
     os.fsync(self._fd)
@@ -195,10 +199,7 @@ class _ObjectLease(Lease):
       except raced:
         continue
       if blob is not None:
-        logging.warning('Took over the lease of %s: its holder is gone (%s).', workdir,
-                        _describe(previous))
-        print(f'warning: took over the workdir lease of a run that is gone '
-              f'({_describe(previous)})', file=sys.stderr, flush=True)
+        _warn_takeover('took', workdir, previous)
       break
     else:
       raise ResourceError(f'{self.path} keeps changing: another run is taking this workdir; '
