@@ -36,6 +36,9 @@ flags.DEFINE_list('inputs', [], 'predict: image files, folders and globs (PNG/JP
 flags.DEFINE_string('output', None, 'predict: write a CSV here instead of JSON lines on stdout.')
 flags.DEFINE_string('checkpoint', 'best', 'predict/export: best, latest or a step number.')
 flags.DEFINE_string('export_dir', None, 'export: the bundle directory to write.')
+flags.DEFINE_string('member', '', 'A population\'s run (config.population > 1): eval, predict '
+                    'and export of member I (--member=I) or of the ensemble (--member=ensemble, '
+                    'the default of predict/export; eval reports every member and the ensemble).')
 flags.DEFINE_string('onnx_python', os.environ.get('CIFAR_JAX_ONNX_PYTHON', ''),
                     'export: the Python of an environment with requirements-onnx.txt, for '
                     'model.onnx (or CIFAR_JAX_ONNX_PYTHON; default: this one if it has jax2onnx).')
@@ -142,12 +145,13 @@ def main(argv):
     logging.info('%s', distributed.describe())
     if FLAGS.mode == 'predict':
       from cifar_jax.serving import predict  # pylint: disable=import-outside-toplevel
-      predict.predict_files(FLAGS.workdir, FLAGS.inputs, FLAGS.checkpoint, FLAGS.output)
+      predict.predict_files(FLAGS.workdir, FLAGS.inputs, FLAGS.checkpoint, FLAGS.output,
+                            FLAGS.member)
       return
     if FLAGS.mode == 'export':
       from cifar_jax.serving import export  # pylint: disable=import-outside-toplevel
       result = export.export_run(FLAGS.workdir, FLAGS.export_dir, FLAGS.checkpoint,
-                                 FLAGS.onnx_python)
+                                 FLAGS.onnx_python, FLAGS.member)
     elif FLAGS.mode == 'report':
       from cifar_jax import report  # pylint: disable=import-outside-toplevel
       result = {'report': report.write_report(FLAGS.workdir)}
@@ -159,7 +163,7 @@ def main(argv):
       if warning:
         print(f'warning: {warning}', file=sys.stderr, flush=True)
       if FLAGS.mode == 'eval':
-        result = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+        result = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.member)
       else:
         result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change,
                                           lease_timeout_s=FLAGS.lease_timeout_s)
@@ -173,7 +177,8 @@ def main(argv):
       raise
     _fail(faults.describe(fault, f'--mode={FLAGS.mode}'), ResourceError.exit_status)
   logging.info('Result: %s', result)
-  print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
+  print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else
+                 f'{k}=[{",".join(f"{x:.4f}" for x in v)}]' if isinstance(v, list) else f'{k}={v}'
                  for k, v in sorted(result.items())))
 
 

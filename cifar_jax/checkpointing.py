@@ -23,9 +23,10 @@ from absl import logging
 
 from cifar_jax.errors import UserError
 from cifar_jax.runtime import storage
+from cifar_jax import step as step_lib
 from cifar_jax.step import TrainState
 
-_FIELDS = ('step', 'params', 'batch_stats', 'opt_state', 'ema_params', 'lookahead')
+_FIELDS = ('step', 'params', 'batch_stats', 'opt_state', 'ema_params', 'lookahead', 'hparams')
 
 
 # Orbax saves each replicated array "replica-parallel": every replica writes a slice, cut
@@ -146,10 +147,10 @@ def restore(manager: ocp.CheckpointManager, template: TrainState, sharding,
                       where, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else '')
       damaged.append(where)
       continue
-    if int(restored['step']) != candidate:
+    if step_lib.current_step(restored['step']) != candidate:
       damaged.append(f'{manager.directory}/{candidate}')
       logging.warning('Checkpoint %s holds step %d; skipping it.', damaged[-1],
-                      int(restored['step']))
+                      step_lib.current_step(restored['step']))
       continue
     if damaged:
       logging.warning('Resuming from the older checkpoint %s/%d; left untouched: %s',

@@ -10,7 +10,7 @@ import os
 
 import jax
 
-from cifar_jax import models, optimizers, parallel
+from cifar_jax import models, optimizers, parallel, population
 from cifar_jax.data import cifar, sources
 from cifar_jax.errors import UserError
 from cifar_jax.runtime import storage
@@ -50,6 +50,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
   _check_processes_and_tensorflow(config, process_count)
   profile_window(config)  # Raises UserError on a malformed window.
   _check_batch(config, num_devices, process_count)
+  _check_population(config, num_devices)
   _check_data(config)
 
 
@@ -149,6 +150,46 @@ def _check_batch(config, num_devices: int, process_count: int) -> None:
       raise UserError(f'config.{field}={value} is not divisible by the {process_count} processes')
 
 
+def _check_population(config, num_devices: int) -> None:
+  """population, population_sweep and population_sharding (`cifar_jax.population`)."""
+  n = config.get('population', 1)
+  if not isinstance(n, int) or n < 1:
+    raise UserError(f'config.population={n!r} must be an integer >= 1 (the number of models '
+                    'trained together); e.g. --config.population=4')
+  _choice(config, 'population_sharding', population.SHARDINGS)
+  if config.population_sweep and n == 1:
+    raise UserError(f'config.population_sweep={config.population_sweep!r} needs a population; '
+                    'set --config.population=N with one value per member')
+  try:
+    sweep = population.parse_sweep(config.population_sweep, n)
+  except ValueError as e:
+    raise UserError(f'config.population_sweep={config.population_sweep!r}: {e}; e.g. '
+                    f"--config.population_sweep='learning_rate={','.join(['0.1'] * n)}'") \
+        from None
+  for name, values in sweep.items():
+    bad = [v for v in values if not (0 <= v < 1 if name == 'label_smoothing' else
+                                     (v > 0 if name == 'learning_rate' else v >= 0))]
+    if bad:
+      raise UserError(f'config.population_sweep: {name}={bad[0]!r} is out of range (as '
+                      f'config.{name})')
+  if n > 1 and config.sharding != 'replicated':
+    raise UserError(f'config.population={n} with sharding={config.sharding}: a population '
+                    'shards members, not layers; use --config.sharding=replicated (and '
+                    '--config.population_sharding=members to split the members over devices)')
+  if config.population_sharding == 'members' and n > 1:
+    data, model = parallel.axis_sizes(tuple(config.mesh_shape), num_devices)
+    if config.input_pipeline != 'device':
+      raise UserError('config.population_sharding=members makes each device its members\' '
+                      'batches on the device; use --config.input_pipeline=device')
+    if config.parallelism != 'jit' or model != 1 or n % data:
+      fix = -(-n // data) * data
+      raise UserError(f'config.population_sharding=members splits the {n} members over the '
+                      f'data axis ({data} devices) under parallelism=jit with a model axis of '
+                      f'1; have parallelism=jit, mesh_shape=(-1, 1) and a population that '
+                      f'{data} divides (e.g. --config.population={fix}), or use '
+                      '--config.population_sharding=replicated')
+
+
 def _check_data(config) -> None:
   if config.data_source == 'archive':
     if not config.data_dir:
@@ -238,6 +279,7 @@ RESUME_SAFE_FIELDS = frozenset({
     'checkpoint_step', 'num_epochs', 'num_train_steps', 'data_dir', 'eval_batch_size',
     'parallelism', 'steps_per_dispatch', 'compilation_cache_dir', 'tta', 'tta_every_eval',
     'mesh_shape', 'sharding', 'remat', 'profile_steps', 'report', 'platform',
+    'population_sharding',
 })
 
 

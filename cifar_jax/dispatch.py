@@ -18,6 +18,10 @@ Where the batches come from is a `make_batch(feed, step, i)` function:
 `host_batch` indexes a block of host-made batches [k, B, ...]; `device_batch`
 builds batch `step` from the device-resident dataset (`device_pipeline`).
 
+A population (`members` > 1, `population`) runs the same loop over a state with a
+leading member axis: the step is vmapped, each batch is [N, B, ...] (member i's is the
+solo run's with seed + i), and the carry's sums and first bad step are [N].
+
 Pure functions, no TensorFlow; `parallel.Backend` compiles them for pmap,
 shard_map or jit.
 """
@@ -30,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cifar_jax import step as step_lib
+from cifar_jax import population, step as step_lib
 from cifar_jax.data import device_pipeline
 from cifar_jax.data.cifar import NUM_CLASSES
 
@@ -38,14 +42,18 @@ TRAIN_METRICS = ('train_loss', 'train_accuracy', 'learning_rate', 'grad_norm')
 EVAL_SUMS = ('loss_sum', 'correct', 'correct_top5', 'count', 'confusion')
 
 
-def new_carry() -> dict:
-  """What the loop keeps on the device between logs: metric sums and the first bad step."""
-  return {'sums': {k: np.float32(0.0) for k in TRAIN_METRICS}, 'first_bad': np.int32(-1)}
+def new_carry(members: int = 1) -> dict:
+  """What the loop keeps on the device between logs: metric sums and the first bad step
+  (one per member of a population)."""
+  if members == 1:
+    return {'sums': {k: np.float32(0.0) for k in TRAIN_METRICS}, 'first_bad': np.int32(-1)}
+  return {'sums': {k: np.zeros(members, np.float32) for k in TRAIN_METRICS},
+          'first_bad': np.full(members, -1, np.int32)}
 
 
 def train_steps(state: step_lib.TrainState, carry: dict, feed, first: jax.Array, last: jax.Array,
                 *, make_batch: Callable, axis_name: str | None = None, sync_grads: bool = False,
-                loop: bool = True):
+                loop: bool = True, members: int = 1):
   """Runs the steps `first .. last-1` of a dispatch; returns the new state and carry.
 
   Args:
@@ -54,11 +62,16 @@ def train_steps(state: step_lib.TrainState, carry: dict, feed, first: jax.Array,
     feed: what `make_batch(feed, step, i)` reads the i-th step's batch from.
     first, last: traced int32 bounds of the step index i within the dispatch.
     loop: False runs step `first` alone, with no loop around it (`last` unused).
+    members: > 1 for a population (`state`, the batches and the carry have a member axis).
   """
+  step_fn = functools.partial(step_lib.train_step, axis_name=axis_name, sync_grads=sync_grads)
+  if members > 1:
+    step_fn = jax.vmap(step_fn)
+
   def body(i, state_and_carry):
     state, carry = state_and_carry
-    batch = make_batch(feed, state.step, i)
-    new_state, metrics = step_lib.train_step(state, batch, axis_name, sync_grads)
+    batch = make_batch(feed, state.step if members == 1 else state.step[0], i)
+    new_state, metrics = step_fn(state, batch)
     bad = ~(jnp.isfinite(metrics['train_loss']) & jnp.isfinite(metrics['grad_norm']))
     first_bad = jnp.where((carry['first_bad'] < 0) & bad, state.step + 1, carry['first_bad'])
     sums = {k: carry['sums'][k] + metrics[k].astype(jnp.float32) for k in TRAIN_METRICS}
@@ -72,6 +85,13 @@ def train_steps(state: step_lib.TrainState, carry: dict, feed, first: jax.Array,
 def host_batch(feed: dict, step: jax.Array, i: jax.Array) -> dict:  # pylint: disable=unused-argument
   """The i-th batch of a block of host-made batches {'image': [k, b, ...], 'label': [k, b]}."""
   return {k: jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False) for k, v in feed.items()}
+
+
+def host_member_batch(feed: dict, step: jax.Array, i: jax.Array, constrain=None) -> dict:
+  """The i-th batches of a population's block [k, b, N, ...] (the member axis after the
+  rows, so that every backend splits the rows as a solo block's): [N, b, ...]."""
+  batch = {k: jnp.swapaxes(v, 0, 1) for k, v in host_batch(feed, step, i).items()}
+  return constrain(batch, members=True) if constrain is not None else batch
 
 
 def local_positions(global_size: int, axis_name: str | None, constrain=None) -> jax.Array:
@@ -95,9 +115,26 @@ def device_batch(feed: dict, step: jax.Array, i: jax.Array, *, config,  # pylint
   return constrain(batch) if constrain is not None else batch
 
 
+def device_member_batch(feed: dict, step: jax.Array, i: jax.Array, *, config, members: int,  # pylint: disable=unused-argument
+                        axis_name: str | None = None, constrain=None,
+                        member_axis: str | None = None) -> dict:
+  """A population's train batches [N, b, ...]: member j's is `device_batch` of the solo
+  run with seed `config.seed + j`, bit for bit. With `member_axis` (the members split
+  over the devices) this device's members' whole batches."""
+  first = 0
+  if member_axis is not None:
+    members //= jax.lax.axis_size(member_axis)
+    first = jax.lax.axis_index(member_axis) * members
+  batch = population.device_batches(feed['images'], feed['labels'], step, config, members,
+                                    local_positions(config.batch_size, axis_name), first)
+  return constrain(batch, members=True) if constrain is not None else batch
+
+
 def eval_all(state: step_lib.TrainState, feed: dict, *, batch_size: int, dataset: str,
-             axis_name: str | None = None, constrain=None, tta: int = 0) -> dict:
-  """Sums of `step.eval_step` over every example of the device-resident test split.
+             axis_name: str | None = None, constrain=None, tta: int = 0,
+             members: int = 1, member_axis: str | None = None) -> dict:
+  """Sums of `step.eval_step` over every example of the device-resident test split
+  (`population.eval_step`'s, per member and for the ensemble, with `members` > 1).
 
   Global batches of `batch_size` (a multiple of the device count) in order; the
   last one is padded and its padding masked, so `count` is exactly N.
@@ -110,16 +147,30 @@ def eval_all(state: step_lib.TrainState, feed: dict, *, batch_size: int, dataset
                                        dataset)
     if constrain is not None:
       batch = constrain(batch)
+    if members > 1:
+      return jax.tree.map(jnp.add, totals,
+                          population.eval_step(state, batch, tta, axis_name, member_axis))
     sums = step_lib.eval_step(state, batch, axis_name, tta)
     return {k: totals[k] + sums[k] for k in EVAL_SUMS}
 
   classes = NUM_CLASSES[dataset]
   zeros = {k: jnp.zeros((classes, classes) if k == 'confusion' else (), jnp.float32)
            for k in EVAL_SUMS}
+  if members > 1:
+    # From the first batch's sums, not zeros: with the members split over devices (shard_map)
+    # the per-member sums vary by device, which a loop carry must already do on entry.
+    first = body(0, population.zero_sums(population.size(state), classes))
+    return jax.lax.fori_loop(1, -(-n // batch_size), body, first)
   return jax.lax.fori_loop(0, -(-n // batch_size), body, zeros)
 
 
-def make_batch_fn(pipeline: str, config, axis_name: str | None, constrain=None) -> Callable:
+def make_batch_fn(pipeline: str, config, axis_name: str | None, constrain=None,
+                  members: int = 1, member_axis: str | None = None) -> Callable:
+  if members > 1 and pipeline == 'host':
+    return functools.partial(host_member_batch, constrain=constrain)
+  if members > 1:
+    return functools.partial(device_member_batch, config=config, members=members,
+                             axis_name=axis_name, constrain=constrain, member_axis=member_axis)
   if pipeline == 'host':
     return host_batch
   return functools.partial(device_batch, config=config, axis_name=axis_name, constrain=constrain)

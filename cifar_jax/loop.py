@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from cifar_jax import dispatch
+from cifar_jax import dispatch, population
 
 
 def itstime(step: int, every: int, total: int) -> bool:
@@ -51,7 +51,7 @@ class TrainMeter:
     self._restart()
 
   def _restart(self) -> None:
-    self.carry = self._backend.put_state(dispatch.new_carry())
+    self.carry = self._backend.put_carry(dispatch.new_carry(self._backend.members))
     self.steps = 0
     self._start, self._paused = time.perf_counter(), 0.0
 
@@ -69,11 +69,15 @@ class TrainMeter:
       self._paused += time.perf_counter() - start
 
   def record(self, batch_size: int) -> dict:
-    """The mean of each metric since the last record, and images/sec (syncs here only)."""
+    """The mean of each metric since the last record, and images/sec (syncs here only).
+    A population's: the members' mean and per-member lists (`population.train_record`);
+    images/sec counts every member's images."""
     sums = self._backend.to_host(self.carry['sums'])
     seconds = max(time.perf_counter() - self._start - self._paused, 1e-9)
     record = {name: total / self.steps for name, total in sums.items()}
-    record['images_per_sec'] = self.steps * batch_size / seconds
+    if self._backend.members > 1:
+      record = population.train_record(record)
+    record['images_per_sec'] = self.steps * batch_size * self._backend.members / seconds
     self._restart()
     return record
 

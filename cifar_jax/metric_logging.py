@@ -89,7 +89,9 @@ class JsonlWriter:
     self._file.flush()
 
   def write_scalars(self, step: int, scalars: dict):
-    self._add({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
+    """Numbers, or lists of them (a population's per-member values)."""
+    self._add({'step': int(step), **{k: [float(x) for x in v] if isinstance(v, (list, tuple))
+                                     else float(v) for k, v in scalars.items()}})
 
   def write_json(self, step: int, record: dict):
     """A record of any JSON values (e.g. a confusion matrix), as one line."""
@@ -157,9 +159,18 @@ class TensorBoardWriter:
     self._records.write(event.SerializeToString())
 
   def write_scalars(self, step: int, scalars: dict):
+    """A list (a population's `<name>_members`) becomes one scalar per member,
+    `<name>/member_<i>`, so that TensorBoard draws them in one group."""
+    flat = {}
+    for tag, value in scalars.items():
+      if isinstance(value, (list, tuple)):
+        base = tag[:-len('_members')] if tag.endswith('_members') else tag
+        flat.update({f'{base}/member_{i}': v for i, v in enumerate(value)})
+      else:
+        flat[tag] = value
     summary = self._summary_pb2.Summary(value=[
         self._summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
-        for tag, value in scalars.items()])
+        for tag, value in flat.items()])
     self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
     self._file.flush()
 
@@ -193,7 +204,9 @@ class LoggingWriter:
   """Scalars as one console (absl) line per write."""
 
   def write_scalars(self, step: int, scalars: dict):
-    logging.info('[%d] %s', step, ', '.join(f'{k}={v:.6g}' for k, v in sorted(scalars.items())))
+    logging.info('[%d] %s', step, ', '.join(
+        f'{k}=[{", ".join(f"{x:.4g}" for x in v)}]' if isinstance(v, (list, tuple))
+        else f'{k}={v:.6g}' for k, v in sorted(scalars.items())))
 
   def write_json(self, step: int, record: dict):
     pass

@@ -33,6 +33,28 @@ WEIGHT_DECAY_SCOPES = ('kernels', 'all')
 BASE_BATCH_SIZE = 256  # `config.learning_rate` is quoted for this global batch (lr_units=batch256).
 TRIANGULAR_START = 0.2  # The triangular schedule starts at this fraction of its peak (airbench).
 DEFAULT, NORM_BIAS, FROZEN, WHITEN_BIAS = 'default', 'norm_bias', 'frozen', 'whiten_bias'
+# The hyper-parameters a population may vary per member (`config.population_sweep`): each is
+# read only as a number in the arithmetic below (and the loss), so an array works as well.
+SWEEPABLE = ('learning_rate', 'weight_decay', 'label_smoothing')
+
+
+class with_values:  # pylint: disable=invalid-name  # Used like a function.
+  """`config` with some fields replaced by `values` (e.g. traced per-member arrays): what
+  the functions here read, attribute or item, without copying the ConfigDict (which would
+  type-check an array against a float field)."""
+
+  def __init__(self, config, values: dict):
+    self._config, self._values = config, dict(values)
+
+  def __getattr__(self, name):
+    values = self.__dict__['_values']
+    return values[name] if name in values else getattr(self.__dict__['_config'], name)
+
+  def __getitem__(self, name):
+    return self.__getattr__(name)
+
+  def get(self, name, default=None):
+    return self._values[name] if name in self._values else self._config.get(name, default)
 
 
 def total_steps(config, num_train_examples: int) -> int:

@@ -43,15 +43,37 @@ class TrainState(struct.PyTreeNode):
   total_steps: int = struct.field(pytree_node=False, default=0)
   # Gradient accumulation: the batch is split into this many micro-batches (`train_step`).
   micro_batches: int = struct.field(pytree_node=False, default=1)
+  # Hyper-parameters held as arrays, so that a population's members can differ in them
+  # under one compiled step (`population`): {name: float32 scalar} of some of
+  # `optimizers.SWEEPABLE`, or None (then the static fields above hold every value).
+  hparams: Any = None
+  # hparams -> (tx, learning_rate_fn, label_smoothing) for those values; None with them.
+  with_hparams: Callable[[dict], tuple] | None = struct.field(pytree_node=False, default=None)
+
+  def optimizer(self) -> tuple[optax.GradientTransformation, Callable, Any]:
+    """(tx, learning-rate schedule, label smoothing) of this state's hyper-parameters."""
+    if self.hparams is None:
+      return self.tx, self.learning_rate_fn, self.label_smoothing
+    return self.with_hparams(self.hparams)
 
   def model(self, *, use_ema: bool = False) -> nnx.Module:
     params = self.ema_params if use_ema and self.ema_params is not None else self.params
     return nnx.merge(self.graphdef, params, self.batch_stats, copy=True)
 
 
+def current_step(state_or_step) -> int:
+  """The state's step count as an int (a population's members share one: its [N] `step`
+  holds N equal values), read from this process's shard where the array spans hosts."""
+  step = getattr(state_or_step, 'step', state_or_step)
+  if isinstance(step, jax.Array) and not step.is_fully_addressable:
+    step = step.addressable_shards[0].data
+  return int(np.asarray(step).reshape(-1)[0])
+
+
 def create_train_state(config, rng: jax.Array, num_train_examples: int | None = None,
                        train_images: np.ndarray | None = None,
-                       layout: Callable[[Any], Any] | None = None) -> TrainState:
+                       layout: Callable[[Any], Any] | None = None,
+                       hparams: tuple[str, ...] = ()) -> TrainState:
   """Initializes model, optimizer, EMA and Lookahead from `config` and a PRNG key.
 
   `num_train_examples` sets the epoch length for the LR schedule; it defaults
@@ -61,7 +83,8 @@ def create_train_state(config, rng: jax.Array, num_train_examples: int | None = 
   `layout` maps the abstract state to its shardings (e.g.
   `parallel.Backend.state_layout`): the state is then created in place,
   sharded, never whole on one device. The values do not depend on the layout
-  (JAX's partitionable threefry).
+  (JAX's partitionable threefry). `hparams`: the fields of `optimizers.SWEEPABLE` to
+  hold as arrays in the state (`TrainState.hparams`; a population sweeps them).
   """
   num_classes = cifar.NUM_CLASSES[config.dataset]
   num_train_examples = num_train_examples or cifar.SPLIT_SIZES['train']
@@ -75,6 +98,16 @@ def create_train_state(config, rng: jax.Array, num_train_examples: int | None = 
   labels = optimizers.param_labels(abstract, nnx.state(abstract, nnx.Param),
                                    config.bn_bias_lr_multiplier != 1.0)
   tx = optimizers.create_optimizer(config, schedule, labels, num_train_examples)
+  with_hparams, base_schedule = None, schedule
+  if hparams:
+    def with_hparams(values):
+      member = optimizers.with_values(config, values)
+      # Every schedule is linear in the learning rate (optax's cosine tests its peak in
+      # Python, which a traced one cannot be): config's, scaled.
+      ratio = values['learning_rate'] / config.learning_rate if 'learning_rate' in values else 1.0
+      schedule = lambda count: base_schedule(count) * ratio
+      return (optimizers.create_optimizer(member, schedule, labels, num_train_examples),
+              schedule, member.label_smoothing)
   whitening = None
   if train_images is not None and airbench.whitening_layers(abstract):
     whitening = airbench.whitening_kernel(airbench.whitening_data(train_images, config.dataset))
@@ -98,7 +131,9 @@ def create_train_state(config, rng: jax.Array, num_train_examples: int | None = 
         lookahead_every=lookahead_every,
         lookahead_decay=float(config.lookahead_decay),
         total_steps=optimizers.total_steps(config, num_train_examples),
-        micro_batches=int(config.micro_batches))
+        micro_batches=int(config.micro_batches),
+        hparams={k: jnp.float32(config[k]) for k in hparams} if hparams else None,
+        with_hparams=with_hparams)
 
   # One compiled init instead of hundreds of eagerly dispatched ops (seconds on CPU).
   if layout is None:
@@ -154,12 +189,13 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = None,
   r <- momentum * r + (1 - momentum) * mean_j(stats_j).
   """
   m = state.micro_batches
+  tx, learning_rate_fn, label_smoothing = state.optimizer()
 
   def loss_fn(params, images, labels):
     model = _with_axis(nnx.merge(state.graphdef, params, state.batch_stats, copy=True), axis_name)
     model.train()
     logits = model(images).astype(jnp.float32)
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), state.label_smoothing)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
     loss = _pmean(optax.softmax_cross_entropy(logits, targets).mean(), axis_name)
     return loss, (logits, nnx.state(model, nnx.BatchStat))
 
@@ -181,7 +217,7 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = None,
   labels = batch['label']
   if sync_grads and axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = state.ema_params
   if ema_params is not None:
@@ -194,7 +230,7 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = None,
   metrics = {
       'train_loss': loss,
       'train_accuracy': _pmean(jnp.mean(jnp.argmax(logits, -1) == labels), axis_name),
-      'learning_rate': state.learning_rate_fn(state.step),
+      'learning_rate': learning_rate_fn(state.step),
       'grad_norm': optax.tree.norm(grads),
   }
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,

@@ -23,7 +23,8 @@ import numpy as np
 from absl import logging
 
 from cifar_jax import (checkpointing, config_checks, dispatch, loop, metric_logging, optimizers,
-                       parallel, report as report_lib, step as step_lib, workdir as workdir_lib)
+                       parallel, population, report as report_lib, step as step_lib,
+                       workdir as workdir_lib)
 from cifar_jax.data import cifar, device_pipeline, sources
 from cifar_jax.errors import ResourceError, UserError
 from cifar_jax.runtime import compilation_cache, faults, lease as lease_lib, preemption, storage
@@ -47,26 +48,37 @@ def setup(config, training: bool) -> Setup:
   has been validated."""
   cache = compilation_cache.configure(config.compilation_cache_dir)
   devices = jax.devices()
+  members = int(config.population)
   logging.info('JAX %s: %d devices (%s) in %d process(es), backend %s, mesh %s, sharding %s, '
-               '%s input pipeline, %d steps per dispatch, compilation cache %s',
+               '%s input pipeline, %d steps per dispatch, compilation cache %s%s',
                jax.__version__, len(devices), devices[0].platform, jax.process_count(),
                config.parallelism, tuple(config.mesh_shape), config.sharding,
-               config.input_pipeline, config.steps_per_dispatch, cache or 'off')
+               config.input_pipeline, config.steps_per_dispatch, cache or 'off',
+               f', a population of {members} ({config.population_sharding}'
+               f'{"; sweep " + config.population_sweep if config.population_sweep else ""})'
+               if members > 1 else '')
   train_data = sources.load(config, 'train') if training else None
   test_data = sources.load(config, 'test')
   if training and cifar.steps_per_epoch(len(train_data.labels), config.batch_size) == 0:
     raise UserError(f'config.batch_size={config.batch_size} exceeds the '
                     f'{len(train_data.labels)} training examples; lower it')
   backend = parallel.create_backend(config.parallelism, devices,
-                                    mesh_shape=tuple(config.mesh_shape), sharding=config.sharding)
+                                    mesh_shape=tuple(config.mesh_shape), sharding=config.sharding,
+                                    members=members,
+                                    member_sharding=config.population_sharding)
   feeds = {}
   if config.input_pipeline == 'device':
     splits = {'train_feed': train_data, 'test_feed': test_data} if training else \
         {'test_feed': test_data}
     feeds = dict(zip(splits, _put_on_devices(backend, *splits.values())))
-  state = step_lib.create_train_state(
-      config, jax.random.key(config.seed), len(train_data.labels) if training else None,
-      train_images=train_data.images if training else None, layout=backend.state_layout)
+  num_train = len(train_data.labels) if training else None
+  train_images = train_data.images if training else None
+  if members > 1:
+    state = population.create_state(config, members, num_train, train_images,
+                                    layout=backend.state_layout)
+  else:
+    state = step_lib.create_train_state(config, jax.random.key(config.seed), num_train,
+                                        train_images=train_images, layout=backend.state_layout)
   return Setup(backend, test_data, state, train_data, **feeds)
 
 
@@ -82,6 +94,8 @@ def evaluate(backend: parallel.Backend, state, data: cifar.Split, config,
   result does not depend on it. With several processes each reads its slice of
   every batch; the sums are global arrays, so every process gets the totals over
   the whole split. `layout`: the state's (default: `backend.state_layout(state)`).
+  A population's record: each metric as the members' mean, per-member lists, their
+  standard deviation and the ensemble's (`population.summarize`).
   """
   layout = backend.state_layout(state) if layout is None else layout
   if test_feed is not None:
@@ -96,6 +110,9 @@ def evaluate(backend: parallel.Backend, state, data: cifar.Split, config,
       sums = backend.eval_step(state, batch, tta, layout)
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = backend.to_host(totals)
+  if backend.members > 1:
+    return {**population.summarize(totals, top5=config.dataset == 'cifar100'),
+            'eval_tta': float(tta)}
   count = totals['count']
   metrics = {'eval_loss': totals['loss_sum'] / count,
              'eval_accuracy': totals['correct'] / count,
@@ -119,13 +136,23 @@ def _put_on_devices(backend: parallel.Backend, *splits: cifar.Split) -> list[dic
 
 
 def _host_blocks(train_data, config, start_step: int, sizes: list[int], k: int):
-  """Blocks of host batches for the dispatches `sizes`, each [k, b, ...] (zero-padded)."""
+  """Blocks of host batches for the dispatches `sizes`, each [k, b, ...] (zero-padded). A
+  population's are [k, b, N, ...]: member i's batches from its own pipeline (seed + i),
+  the member axis after the rows so that every backend splits the rows as a solo block's."""
   from cifar_jax.data import host_pipeline  # pylint: disable=g-import-not-at-top
-  batches = host_pipeline.train_batches(train_data, config, start_step,
-                                         start_step + sum(sizes), jax.process_index(),
-                                         jax.process_count())
+  members = int(config.population)
+  configs = [population.member_config(config, i) for i in range(members)] if members > 1 \
+      else [config]
+  streams = [host_pipeline.train_batches(train_data, c, start_step, start_step + sum(sizes),
+                                          jax.process_index(), jax.process_count())
+             for c in configs]
+  def next_batch():
+    if members == 1:
+      return next(streams[0])
+    batches = [next(s) for s in streams]
+    return {key: np.stack([b[key] for b in batches], axis=1) for key in batches[0]}
   for n in sizes:
-    block = [next(batches) for _ in range(n)]
+    block = [next_batch() for _ in range(n)]
     stacked = {}
     for key in block[0]:
       x = np.stack([b[key] for b in block])
@@ -192,20 +219,25 @@ class _Checkpoints:
       self.manager = checkpointing.create_manager(workdir, config.checkpoint_max_to_keep)
       self.best = checkpointing.create_best_manager(workdir)
     self._backend, self._hooks, self._lease, self.nbytes = backend, hooks, lease, nbytes
+    self._seed = int(config.seed)
     self.last_saved = None
 
   def restore(self, state):
     restored = checkpointing.restore(self.manager, state, _shardings(state))
     if restored is not None:
-      logging.info('Resumed from %s at step %d.', self.manager.directory, int(restored.step))
-      self.last_saved = int(restored.step)
+      logging.info('Resumed from %s at step %d.', self.manager.directory, step_lib.current_step(restored))
+      self.last_saved = step_lib.current_step(restored)
     return restored
 
   def check_finite(self, carry) -> None:
-    bad = int(np.asarray(jax.device_get(carry['first_bad'])).reshape(-1)[0])
-    if bad >= 0:
-      raise UserError(f'non-finite loss or gradient norm at step {bad}; stopped without saving '
-                      f'it. Last good checkpoint (kept): {self._kept()}. Lower '
+    first_bad = np.atleast_1d(self._backend.to_host({'b': carry['first_bad']})['b'])
+    bad = [(int(s), i) for i, s in enumerate(first_bad) if s >= 0]
+    if bad:
+      step, member = min(bad)
+      which = (f' of population member {member} (seed {self._seed + member})'
+               if len(first_bad) > 1 else '')
+      raise UserError(f'non-finite loss or gradient norm at step {step}{which}; stopped '
+                      f'without saving it. Last good checkpoint (kept): {self._kept()}. Lower '
                       '--config.learning_rate (or turn off half_precision) and rerun to '
                       'resume from it')
 
@@ -275,8 +307,9 @@ class _Checkpoints:
   def save_best(self, state, step: int, metrics: dict) -> None:
     self.check_saves()
     self._lease.check()
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}  # (Not a population's lists.)
     with self._writing(self.best, step):
-      checkpointing.save(self.best, self._backend.get_state(state), step, metrics=metrics)
+      checkpointing.save(self.best, self._backend.get_state(state), step, metrics=scalars)
 
   def wait(self, failing: bool = False) -> None:
     """A save in flight lands before the process exits (also on an error: its message
@@ -407,7 +440,7 @@ def _train(config, workdir: str, hooks: loop.Hooks, held: lease_lib.Lease) -> di
     _warn_if_short_of_space(workdir, config, checkpoint_bytes)
   checkpoints = _Checkpoints(workdir, config, backend, hooks, held, checkpoint_bytes)
   state = checkpoints.restore(state) or state
-  start_step = int(state.step)
+  start_step = step_lib.current_step(state)
   state = backend.put_state(state, layout)
   # Records after start_step (logged by a launch that died before checkpointing them) go:
   # those steps run again.
@@ -485,9 +518,12 @@ def _train(config, workdir: str, hooks: loop.Hooks, held: lease_lib.Lease) -> di
   return result or eval_metrics
 
 
-def evaluate_checkpoint(config, workdir: str) -> dict:
-  """Evaluates a checkpoint of `workdir` on the full test split; writes nothing there."""
+def evaluate_checkpoint(config, workdir: str, member: str = '') -> dict:
+  """Evaluates a checkpoint of `workdir` on the full test split; writes nothing there. A
+  population's: every member and the ensemble, or (`member`) member i's or the
+  ensemble's metrics alone, under the solo names."""
   config_checks.validate(config, jax.device_count(), jax.process_count())
+  which = workdir_lib.parse_member(member, int(config.population))
   directory = checkpointing.checkpoints_dir(workdir)
   if not directory.exists():
     raise UserError(f'{directory} does not exist; train first, or point --workdir at a run')
@@ -498,11 +534,20 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   manager.close()
   if state is None:
     raise UserError(f'{directory} holds no checkpoint; train first')
-  step = int(state.step)
+  step = step_lib.current_step(state)
   layout = run.backend.state_layout(state)
   metrics = evaluate(run.backend, run.backend.put_state(state, layout), run.test_data, config,
                      run.test_feed, config.tta, layout)
   metrics.pop('confusion')
+  if isinstance(which, int):
+    metrics = {name: metrics[f'{name}_members'][which] for name in metrics
+               if f'{name}_members' in metrics} | {'eval_count': metrics['eval_count'],
+                                                    'eval_tta': metrics['eval_tta'],
+                                                    'member': float(which)}
+  elif which == 'ensemble':
+    metrics = {f'eval_{name[len("ensemble_"):]}': v for name, v in metrics.items()
+               if name.startswith('ensemble_')} | {'eval_count': metrics['eval_count'],
+                                                   'eval_tta': metrics['eval_tta']}
   logging.info('Eval of %s/%d%s: %s', directory, step,
                ' (EMA weights)' if state.ema_params is not None else '', metrics)
   return {'checkpoint_step': float(step), **metrics}

@@ -53,14 +53,34 @@ def write_config(workdir, config) -> None:
   storage.write_whole(config_path(workdir), config.to_json_best_effort(indent=2) + '\n')
 
 
-def load_state(workdir: str, checkpoint: str = 'best'):
+def parse_member(member: str, population: int) -> int | str | None:
+  """`--member` of a run with `population` members: '' (the default: None), 'ensemble',
+  'all', or a member's index as an int. A UserError for anything else."""
+  member = str(member or '').strip()
+  if population == 1:
+    if member not in ('', '0', 'all'):
+      raise UserError(f'--member={member} but this run trained one model (population 1); '
+                      'drop --member')
+    return None
+  if member in ('', 'ensemble', 'all'):
+    return member or None
+  if not member.isdigit() or int(member) >= population:
+    raise UserError(f'--member={member!r} must be ensemble, all or a member 0..{population - 1} '
+                    f'(this run trained a population of {population})')
+  return int(member)
+
+
+def load_state(workdir: str, checkpoint: str = 'best', member: str = ''):
   """(config, state on one device, step, description) of `checkpoint`: best | latest | STEP.
 
   `best` is the best-by-eval-accuracy checkpoint, or the latest one if the run
-  has not evaluated yet (said in the log).
+  has not evaluated yet (said in the log). A population's (`config.population` > 1):
+  with `member` = i, member i as a solo run's config and state (seed + i, its swept
+  values); otherwise (`ensemble`, the default) the stacked state of every member.
   """
-  from cifar_jax import checkpointing, step as step_lib  # pylint: disable=import-outside-toplevel
+  from cifar_jax import checkpointing, population, step as step_lib  # pylint: disable=import-outside-toplevel
   config = read_config(workdir)
+  which = parse_member(member, int(config.population))
   if checkpoint not in CHECKPOINTS and not str(checkpoint).isdigit():
     raise UserError(f'--checkpoint={checkpoint!r} must be best, latest or a step number')
   best = checkpointing.best_dir(workdir)
@@ -71,14 +91,22 @@ def load_state(workdir: str, checkpoint: str = 'best'):
   if not directory.exists():
     raise UserError(f'{directory} does not exist; train first, or point --workdir at a run')
   manager = checkpointing.open_read_only(workdir, directory=directory)
-  template = step_lib.create_train_state(config, jax.random.key(config.seed))
+  if config.population > 1:
+    template = population.create_state(config, int(config.population))
+  else:
+    template = step_lib.create_train_state(config, jax.random.key(config.seed))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   wanted = int(checkpoint) if str(checkpoint).isdigit() else None
   state = checkpointing.restore(manager, template, device, step=wanted)
   manager.close()
   if state is None:
     raise UserError(f'{directory} holds no checkpoint; train first')
-  step = int(state.step)
+  step = step_lib.current_step(state)
   weights = 'EMA weights' if state.ema_params is not None else 'weights'
   source = f'{"best" if use_best else "checkpoint"} {directory}/{step} ({weights})'
+  if isinstance(which, int):
+    config, state = population.member_config(config, which), population.member(state, which)
+    source += f', member {which} of {population.size(template)}'
+  elif config.population > 1:
+    source += f', the ensemble of its {config.population} members'
   return config, state, step, source

@@ -26,6 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 30.0           # Training length in epochs (may be fractional).
   config.num_train_steps = -1        # >0 overrides num_epochs.
   config.seed = 0                    # Seeds init, shuffling and augmentation.
+  # --- population: N independent models in one compiled step (docs/configs.md) ---
+  config.population = 1              # Members; member i has seed seed + i (1 = a single model, as always).
+  config.population_sweep = ''       # Per-member values, e.g. 'learning_rate=0.05,0.1,0.2,0.4;label_smoothing=0,0.2,0.2,0' (learning_rate | weight_decay | label_smoothing).
+  config.population_sharding = 'replicated'  # replicated (every device holds every member) | members (members split over the data axis; jit only).
   # --- parallelism ---
   config.parallelism = 'jit'         # pmap | shard_map | jit (with NamedSharding).
   config.mesh_shape = (-1, 1)        # (data, model) device mesh of parallelism=jit; -1 = all the rest, e.g. (4, 2).

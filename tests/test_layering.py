@@ -18,8 +18,8 @@ LAYERS = {
     'cifar_jax.optimizers': 3,
     'cifar_jax.serving.model': 3,
     'cifar_jax.step': 4,
+    'cifar_jax.population': 4.5,  # Below dispatch, which runs populations.
     'cifar_jax.dispatch': 5,
-    'cifar_jax.population': 5,
     'cifar_jax.parallel': 6,
     'cifar_jax.checkpointing': 7,
     'cifar_jax.metric_logging': 7,

@@ -102,7 +102,8 @@ def test_eval_per_member_and_ensemble_over_exactly_the_real_examples(setup):
   want = np.sum(np.argmax(mean, -1) == np.asarray(labels[:40]))
   assert float(sums['ensemble']['correct']) == want
   summary = population.summarize(sums)
-  assert len(summary['eval_accuracy']) == N and summary['eval_count'] == 40.0
-  np.testing.assert_allclose(summary['eval_accuracy_mean'], np.mean(summary['eval_accuracy']))
-  np.testing.assert_allclose(summary['eval_accuracy_std'], np.std(summary['eval_accuracy'],
-                                                                  ddof=1))
+  assert len(summary['eval_accuracy_members']) == N and summary['eval_count'] == 40.0
+  np.testing.assert_allclose(summary['eval_accuracy'], np.mean(summary['eval_accuracy_members']))
+  np.testing.assert_allclose(summary['eval_accuracy_std'],
+                             np.std(summary['eval_accuracy_members'], ddof=1))
+  assert summary['ensemble_accuracy'] == want / 40

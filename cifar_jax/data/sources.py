@@ -27,7 +27,9 @@ SOURCES = ('tfds', 'archive', 'synthetic')
 def load(config, split: str) -> Split:
   """Loads `split` ('train' or 'test') of `config.dataset` from `config.data_source`."""
   if config.data_source == 'synthetic':
-    return synthetic(config.dataset, split, config.seed, config.num_synthetic_examples)
+    # One fixed dataset, as a real one is, whatever `config.seed`: runs with other seeds (a
+    # population's members among them) train on the same examples.
+    return synthetic(config.dataset, split, 0, config.num_synthetic_examples)
   if config.data_source == 'archive':
     return from_archive(config.dataset, split, config.data_dir)
   if config.data_source == 'tfds':

@@ -22,14 +22,20 @@ BACKENDS = {cls.name: cls for cls in (PmapBackend, ShardMapBackend, JitBackend)}
 
 
 def create_backend(parallelism: str, devices=None, loop_dispatch: bool | None = None,
-                   mesh_shape=(-1, 1), sharding: str = 'replicated') -> Backend:
+                   mesh_shape=(-1, 1), sharding: str = 'replicated', members: int = 1,
+                   member_sharding: str = 'replicated') -> Backend:
   """The `Backend` of `config.parallelism` (pmap | shard_map | jit) on `devices` (default:
-  all). `mesh_shape` and `sharding` other than (-1, 1) and replicated need jit."""
+  all). `mesh_shape` and `sharding` other than (-1, 1) and replicated need jit, as does
+  `member_sharding='members'` (a population of `members` split over the devices)."""
   if parallelism not in BACKENDS:
     raise ValueError(f'unknown parallelism {parallelism!r}; choose one of {tuple(BACKENDS)}')
   if sharding not in SHARDINGS:
     raise ValueError(f'unknown sharding {sharding!r}; choose one of {SHARDINGS}')
-  backend = BACKENDS[parallelism](devices, loop_dispatch, mesh_shape, sharding)
+  backend = BACKENDS[parallelism](devices, loop_dispatch, mesh_shape, sharding, members,
+                                  member_sharding)
+  if member_sharding != 'replicated' and (parallelism != 'jit' or members % backend.data_size):
+    raise ValueError(f'member_sharding={member_sharding} needs parallelism=jit and a '
+                     f'population that the data axis ({backend.data_size}) divides')
   if parallelism != 'jit' and (backend.model_size != 1 or sharding != 'replicated'):
     raise ValueError(f'parallelism={parallelism} replicates the state over one data axis; '
                      f'mesh_shape={tuple(mesh_shape)} and sharding={sharding} need jit')

@@ -10,6 +10,13 @@ the state layout, an explicit argument).
 
 All three give the same numbers: BatchNorm statistics, loss and metrics are
 global-batch values.
+
+A population (`members` > 1, `cifar_jax.population`) is one more leading axis of the
+state, the batches ([N, B, ...]) and the carry, and the same compiled functions vmap
+the step over it. `member_sharding`: `replicated` (every device holds every member and
+a slice of each member's batch, as a solo run's) or `members` (jit only: the members
+split over the data axis, each device training whole members on their whole batches,
+with no communication between devices in the step).
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cifar_jax import dispatch, step as step_lib
+from cifar_jax import dispatch, population, step as step_lib
 from cifar_jax.parallel import mesh as mesh_lib, sharding as sharding_lib
 
 AXIS = mesh_lib.DATA_AXIS
@@ -35,6 +42,7 @@ class Kind(enum.Enum):
   BATCHES = '[k, B, ...]: k batches, each split along B'
   DATA = 'a dataset, whole on every device'
   SCALAR = 'an int32 scalar (put_scalar)'
+  SUMS = "eval sums, whole on every device (a population's: per member and the ensemble's)"
 
 
 def layout_key(layout) -> tuple:
@@ -58,10 +66,15 @@ class Backend:
   sync_grads = False  # pmean gradients in the step (pmap: autodiff leaves them per device).
 
   def __init__(self, devices=None, loop_dispatch: bool | None = None, mesh_shape=(-1, 1),
-               sharding: str = 'replicated'):
+               sharding: str = 'replicated', members: int = 1,
+               member_sharding: str = 'replicated'):
     """`loop_dispatch`: run a dispatch's steps in one compiled loop (default: except on
     CPU, where XLA runs weight-gradient convolutions ~50x slower in loops; see dispatch.py).
-    `mesh_shape`, `sharding`: the mesh and the train state's layout (jit only)."""
+    `mesh_shape`, `sharding`: the mesh and the train state's layout (jit only).
+    `members`, `member_sharding`: a population's size and layout (see above)."""
+    self.members, self.member_sharding = int(members), member_sharding
+    # The device axis a population's members are split over (jit's 'members' layout).
+    self.member_axis = AXIS if self.members > 1 and member_sharding == 'members' else None
     # Grouped by process: process p's devices hold rows [p*B/P, (p+1)*B/P) of each global
     # batch, the slice the host pipeline gives process p.
     self.devices = mesh_lib.sorted_devices(devices)
@@ -74,6 +87,7 @@ class Backend:
     self.replicated = NamedSharding(self.mesh, P())
     self.sharded = NamedSharding(self.mesh, P(AXIS))
     self.memory = {}  # Compiled memory statistics of the train dispatch (`train_dispatch`).
+    self.train_executable = None  # The last train dispatch compiled.
     self._compiled = {}  # Compiled functions, by what they depend on.
     self._scalars = {}  # Scalar arguments on the devices, by value.
 
@@ -101,6 +115,10 @@ class Backend:
     """The most bytes of `state` (placed in its layout) any one device holds."""
     return sharding_lib.bytes_per_device(state)
 
+  def put_carry(self, tree):
+    """The loop's carry (`dispatch.new_carry`) in the layout the dispatch takes it in."""
+    return self.put_state(tree)
+
   def put_batch(self, batch: dict) -> dict:
     """This process's slice of a global batch (host numpy) -> device arrays, async."""
     return {k: jax.make_array_from_process_local_data(self.sharded, v) for k, v in batch.items()}
@@ -125,9 +143,8 @@ class Backend:
 
   def to_host(self, tree) -> dict:
     """Device metrics -> Python floats, or numpy arrays for non-scalars (the only
-    device-to-host sync)."""
-    tree = jax.device_get(tree)
-    return {k: float(v) if np.ndim(v) == 0 else np.asarray(v) for k, v in tree.items()}
+    device-to-host sync); nested dicts stay nested."""
+    return _floats(jax.device_get(tree))
 
   def compile(self, fn, in_kinds: tuple[Kind, ...], out_kinds: tuple[Kind, ...], layout=None,
               donate: tuple[int, ...] = ()):
@@ -170,8 +187,12 @@ class Backend:
     layout = self.state_layout(state) if layout is None else layout
 
     def build():
-      fn = lambda state, batch, axis_name, constrain=None: step_lib.train_step(
-          state, batch, axis_name, self.sync_grads)
+      def fn(state, batch, axis_name, constrain=None):
+        del constrain
+        if self.members > 1:
+          return jax.vmap(lambda s, b: step_lib.train_step(s, b, axis_name, self.sync_grads))(
+              state, batch)
+        return step_lib.train_step(state, batch, axis_name, self.sync_grads)
       return self.compile(fn, (Kind.STATE, Kind.ROWS), (Kind.STATE, Kind.REPLICATED), layout,
                           donate=(0,))
     return self._cached(('train_step', layout_key(layout)), build)(state, batch)
@@ -181,9 +202,12 @@ class Backend:
     layout = self.state_layout(state) if layout is None else layout
 
     def build():
-      fn = lambda state, batch, axis_name, constrain=None: (
-          step_lib.eval_step(state, batch, axis_name, tta),)
-      compiled = self.compile(fn, (Kind.STATE, Kind.ROWS), (Kind.REPLICATED,), layout)
+      def fn(state, batch, axis_name, constrain=None):
+        del constrain
+        if self.members > 1:
+          return (population.eval_step(state, batch, tta, axis_name, self.member_axis),)
+        return (step_lib.eval_step(state, batch, axis_name, tta),)
+      compiled = self.compile(fn, (Kind.STATE, Kind.ROWS), (Kind.SUMS,), layout)
       return lambda state, batch: compiled(state, batch)[0]
     return self._cached(('eval_step', tta, layout_key(layout)), build)(state, batch)
 
@@ -200,12 +224,14 @@ class Backend:
     return self._cached(key, lambda: self._build_train_dispatch(pipeline, config, layout))
 
   def _build_train_dispatch(self, pipeline: str, config, layout):
-    sync, loop = self.sync_grads, self.loop_dispatch
+    sync, loop, members = self.sync_grads, self.loop_dispatch, self.members
 
     def fn(state, carry, feed, first, last, axis_name, constrain=None):
-      make_batch = dispatch.make_batch_fn(pipeline, config, axis_name, constrain)
+      make_batch = dispatch.make_batch_fn(pipeline, config, axis_name, constrain, members,
+                                          self.member_axis)
       return dispatch.train_steps(state, carry, feed, first, last, make_batch=make_batch,
-                                  axis_name=axis_name, sync_grads=sync, loop=loop)
+                                  axis_name=axis_name, sync_grads=sync, loop=loop,
+                                  members=members)
 
     feed_kind = Kind.BATCHES if pipeline == 'host' else Kind.DATA
     jitted = self.compile(fn, (Kind.STATE, Kind.REPLICATED, feed_kind, Kind.SCALAR, Kind.SCALAR),
@@ -219,6 +245,7 @@ class Backend:
       if not executable:
         executable.append(jitted.lower(*args).compile())
         self.memory = _memory_stats(executable[0])
+        self.train_executable = executable[0]  # (Its HLO: tests, benchmarks.)
       try:
         return executable[0](*args)
       except TypeError:  # Raised before anything runs or is donated.
@@ -243,11 +270,18 @@ class Backend:
     def build():
       def fn(state, feed, axis_name, constrain=None):
         return (dispatch.eval_all(state, feed, batch_size=batch_size, dataset=dataset,
-                                  axis_name=axis_name, constrain=constrain, tta=tta),)
+                                  axis_name=axis_name, constrain=constrain, tta=tta,
+                                  members=self.members, member_axis=self.member_axis),)
 
-      compiled = self.compile(fn, (Kind.STATE, Kind.DATA), (Kind.REPLICATED,), layout)
+      compiled = self.compile(fn, (Kind.STATE, Kind.DATA), (Kind.SUMS,), layout)
       return lambda state, feed: compiled(state, feed)[0]
     return self._cached(('eval', batch_size, dataset, tta, layout_key(layout)), build)
+
+
+def _floats(tree):
+  if isinstance(tree, dict):
+    return {k: _floats(v) for k, v in tree.items()}
+  return float(tree) if np.ndim(tree) == 0 else np.asarray(tree)
 
 
 def _memory_stats(executable) -> dict:

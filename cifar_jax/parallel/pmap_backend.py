@@ -16,7 +16,7 @@ from cifar_jax.parallel.backend import AXIS, Backend, Kind
 
 # pmap's in_axes: every array has a leading device axis; scalars are broadcast.
 _IN_AXES = {Kind.STATE: 0, Kind.REPLICATED: 0, Kind.ROWS: 0, Kind.BATCHES: 0, Kind.DATA: 0,
-            Kind.SCALAR: None}
+            Kind.SCALAR: None, Kind.SUMS: 0}
 
 
 class PmapBackend(Backend):

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from cifar_jax.parallel.backend import AXIS, Backend, Kind
 
 _SPECS = {Kind.STATE: P(), Kind.REPLICATED: P(), Kind.ROWS: P(AXIS), Kind.BATCHES: P(None, AXIS),
-          Kind.DATA: P(), Kind.SCALAR: P()}
+          Kind.DATA: P(), Kind.SCALAR: P(), Kind.SUMS: P()}
 
 
 class ShardMapBackend(Backend):

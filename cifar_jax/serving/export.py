@@ -58,8 +58,13 @@ def export_bundle(config, state, export_dir: str, source: str,
   """Writes the serving bundle (all but model.onnx: see onnx_export.py) into `export_dir`,
   `model.jax` lowered for `platforms`. Returns {'platforms': [...], 'files': [...]}."""
   storage.makedirs(export_dir)
-  model = model_lib.serving_model(config, state)
-  fn = jax.jit(model_lib.serving_function(model, config.dataset))
+  ensemble = bool(state.step.ndim)  # A population's stacked state: export its ensemble.
+  if ensemble:
+    members = model_lib.serving_models(config, state)
+    fn = jax.jit(model_lib.ensemble_function(members, config.dataset))
+  else:
+    model = model_lib.serving_model(config, state)
+    fn = jax.jit(model_lib.serving_function(model, config.dataset))
   batch = jax.export.symbolic_shape('batch')[0]
   spec = jax.ShapeDtypeStruct((batch, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.uint8)
   try:
@@ -72,6 +77,14 @@ def export_bundle(config, state, export_dir: str, source: str,
   files['model.jax'] = bytes(exported.serialize())
   names = list(CLASS_NAMES[config.dataset])
   files['labels.json'] = (json.dumps(names, indent=1) + '\n').encode()
+  if ensemble:  # model.jax alone: onnx_export rebuilds one model from weights.npz.
+    files['model.json'] = (json.dumps({
+        'model': config.model, 'dataset': config.dataset, 'ensemble_members': len(members),
+        'num_classes': len(names), 'source': source, 'platforms': list(exported.platforms)},
+                                      indent=1) + '\n').encode()
+    for name, data in files.items():
+      storage.write_whole(storage.path(export_dir) / name, data)
+    return {'platforms': list(exported.platforms), 'files': sorted(files), 'ensemble': True}
   _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   arrays = {jax.tree_util.keystr(p): np.asarray(x) for p, x in
             jax.tree_util.tree_leaves_with_path({'params': params, 'batch_stats': batch_stats})}
@@ -91,16 +104,23 @@ def export_bundle(config, state, export_dir: str, source: str,
 
 
 def export_run(workdir: str, export_dir: str, checkpoint: str = 'best',
-               onnx_python: str = '') -> dict:
-  """The serving bundle of `checkpoint` of the run in `workdir`, written to `export_dir`."""
+               onnx_python: str = '', member: str = '') -> dict:
+  """The serving bundle of `checkpoint` of the run in `workdir`, written to `export_dir`.
+  A population's: one function averaging its members' probabilities (model.jax; no
+  model.onnx), or member `member` as a solo run's bundle."""
   if not export_dir:
     raise UserError('--mode=export needs --export_dir=DIR (the bundle to write)')
-  config, state, _, source = workdir_lib.load_state(workdir, checkpoint)
+  config, state, _, source = workdir_lib.load_state(workdir, checkpoint, member)
   remote = storage.is_remote(export_dir)  # Built locally, then uploaded file by file.
   with (tempfile.TemporaryDirectory(prefix='cifar_jax_bundle_') if remote else
         contextlib.nullcontext(export_dir)) as bundle:
     result = export_bundle(config, state, bundle, source)
-    onnx = convert_to_onnx(bundle, onnx_python)
+    if result.get('ensemble'):
+      logging.warning('No model.onnx for an ensemble (the ONNX conversion rebuilds one model); '
+                      'model.jax averages the members. For ONNX export one: --member=I.')
+      onnx = 'skipped'
+    else:
+      onnx = convert_to_onnx(bundle, onnx_python)
     if remote:
       storage.copy_files(bundle, export_dir)
   return {'export_dir': export_dir, 'onnx': onnx, 'platforms': result['platforms']}

@@ -42,9 +42,9 @@ def top_k(probabilities: np.ndarray, names: tuple[str, ...], k: int = 5) -> list
 
 
 def predict_files(workdir: str, inputs: list[str], checkpoint: str = 'best',
-                  output: str | None = None) -> None:
+                  output: str | None = None, member: str = '') -> None:
   """One JSON line per readable image on stdout (or a CSV in `output`); a warning line on
-  stderr per unreadable one."""
+  stderr per unreadable one. A population's run: its ensemble, or `member` i."""
   paths = images_lib.expand_inputs(inputs)
   if not paths:
     raise UserError('--inputs names no files; pass image files, folders or globs, e.g. '
@@ -54,9 +54,11 @@ def predict_files(workdir: str, inputs: list[str], checkpoint: str = 'best',
     print(line, file=sys.stderr)
   if not good:
     raise UserError(f'none of the {len(paths)} inputs is a readable PNG/JPEG image')
-  config, state, _, source = workdir_lib.load_state(workdir, checkpoint)
+  config, state, _, source = workdir_lib.load_state(workdir, checkpoint, member)
   logging.info('Predicting %d images with %s.', len(good), source)
-  fn = model_lib.serving_function(model_lib.serving_model(config, state), config.dataset)
+  fn = (model_lib.ensemble_function(model_lib.serving_models(config, state), config.dataset)
+        if state.step.ndim else
+        model_lib.serving_function(model_lib.serving_model(config, state), config.dataset))
   top5 = top_k(predict(fn, images, config.eval_batch_size), cifar.CLASS_NAMES[config.dataset])
   if output:
     storage.write_whole(output, _csv(good, top5))
