@@ -178,7 +178,8 @@ def main(argv):
     _fail(faults.describe(fault, f'--mode={FLAGS.mode}'), ResourceError.exit_status)
   logging.info('Result: %s', result)
   print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else
-                 f'{k}=[{",".join(f"{x:.4f}" for x in v)}]' if isinstance(v, list) else f'{k}={v}'
+                 f'{k}=[{",".join(f"{x:.4f}" for x in v)}]'
+                 if isinstance(v, list) and all(isinstance(x, float) for x in v) else f'{k}={v}'
                  for k, v in sorted(result.items())))
 
 
