@@ -64,9 +64,8 @@ def train_steps(state: step_lib.TrainState, carry: dict, feed, first: jax.Array,
     loop: False runs step `first` alone, with no loop around it (`last` unused).
     members: > 1 for a population (`state`, the batches and the carry have a member axis).
   """
-  step_fn = functools.partial(step_lib.train_step, axis_name=axis_name, sync_grads=sync_grads)
-  if members > 1:
-    step_fn = jax.vmap(step_fn)
+  step_fn = population.train_step if members > 1 else step_lib.train_step
+  step_fn = functools.partial(step_fn, axis_name=axis_name, sync_grads=sync_grads)
 
   def body(i, state_and_carry):
     state, carry = state_and_carry

@@ -101,10 +101,12 @@ def size(state: step_lib.TrainState) -> int:
   return int(state.step.shape[0])
 
 
-def train_step(state: step_lib.TrainState, batch: dict) -> tuple[step_lib.TrainState, dict]:
+def train_step(state: step_lib.TrainState, batch: dict, axis_name: str | None = None,
+               sync_grads: bool = False) -> tuple[step_lib.TrainState, dict]:
   """`step.train_step` for every member at once: `batch` = {'image': [N, B, 32, 32, 3],
-  'label': [N, B]}, member i's batch at [i]; the metrics are [N] arrays."""
-  return jax.vmap(step_lib.train_step)(state, batch)
+  'label': [N, B]}, member i's batch at [i]; the metrics are [N] arrays. `axis_name`,
+  `sync_grads`: as `step.train_step`'s (the device axis, not the member axis)."""
+  return jax.vmap(lambda s, b: step_lib.train_step(s, b, axis_name, sync_grads))(state, batch)
 
 
 def device_batches(images: jax.Array, labels: jax.Array, step: jax.Array, config,

@@ -189,10 +189,8 @@ class Backend:
     def build():
       def fn(state, batch, axis_name, constrain=None):
         del constrain
-        if self.members > 1:
-          return jax.vmap(lambda s, b: step_lib.train_step(s, b, axis_name, self.sync_grads))(
-              state, batch)
-        return step_lib.train_step(state, batch, axis_name, self.sync_grads)
+        step_fn = population.train_step if self.members > 1 else step_lib.train_step
+        return step_fn(state, batch, axis_name, self.sync_grads)
       return self.compile(fn, (Kind.STATE, Kind.ROWS), (Kind.STATE, Kind.REPLICATED), layout,
                           donate=(0,))
     return self._cached(('train_step', layout_key(layout)), build)(state, batch)
