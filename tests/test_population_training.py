@@ -225,26 +225,32 @@ def test_kill_9_then_resume_is_bit_identical(reference_run, tmp_path):
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=False, reason='open: after 8 steps a BatchNorm variance of the 2x4 '
-                   'run differs from 1x8 by 1.2% of its scale (solo runs: <0.3%); not yet '
-                   'known whether drift (the lr 0.1 member) or a cross-process layout bug')
+@pytest.mark.e2e
 def test_two_processes_x_4_devices_train_like_one_x_8(tmp_path):
+  """At small learning rates, so that the reduction order's rounding (cross-process sums
+  differ from one process's) is not amplified: at the default 0.05-0.1, 8 steps grow it to
+  ~1e-2 of a BatchNorm variance's scale, as in solo runs (measured: 2.5e-3 and 5.3e-3 for
+  solo seeds 0 and 1). A wrong batch, member or seed misses by orders of magnitude more."""
+  small = ['--config.population_sweep=learning_rate=1e-3,2e-3']
   one = str(tmp_path / 'one')
-  assert _main(one, devices=8).returncode == 0
+  assert _main(one, *small, devices=8).returncode == 0
   two, port = str(tmp_path / 'two'), free_port()
   procs = [subprocess.Popen(
-      [*main_command(), f'--workdir={two}', *ARGS, f'--coordinator_address=127.0.0.1:{port}',
-       '--num_processes=2', f'--process_id={i}'], cwd=ROOT, env=subprocess_env(4),
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+      [*main_command(), f'--workdir={two}', *ARGS, *small,
+       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+      cwd=ROOT, env=subprocess_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
   outputs = [p.communicate(timeout=300)[1] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
   got, want = (checkpoint_arrays(os.path.join(w, 'checkpoints', '8', 'default'))
                for w in (two, one))
-  for k in got:  # Reduction order differs: 8 steps at lr up to 0.1 grow it to ~5e-3 of scale.
+  np.testing.assert_allclose(got["['hparams']['learning_rate']"], [1e-3, 2e-3])
+  for k in got:  # Measured: batch_stats <= 1.3e-5 of scale, params <= 5.5e-3 of tiny biases.
+    tolerance = 1e-4 if k.startswith("['batch_stats']") else 1e-2
     if k.startswith(("['params']", "['batch_stats']", "['ema_params']", "['step']")):
-      assert np.abs(got[k] - want[k]).max() <= 1e-2 * np.abs(want[k]).max() + 1e-3, k
+      assert np.abs(got[k] - want[k]).max() <= tolerance * np.abs(want[k]).max() + 1e-6, k
   final = lambda w: [r for r in records(w) if 'ensemble_accuracy' in r][-1]
   assert final(two)['eval_count'] == final(one)['eval_count'] == 256 // 5
   assert final(two)['eval_loss_members'] == pytest.approx(final(one)['eval_loss_members'],
-                                                          rel=1e-2)
+                                                          rel=1e-4)
   assert not error_lines(outputs[0])
