@@ -16,6 +16,13 @@ it; XLA:CPU undoes remat, see docs/large_models.md).
 
   python benchmarks/memory.py                                      # the table in docs/large_models.md
   python benchmarks/memory.py --models=vit_base --meshes=8x1,2x4 --remat=none,block
+
+With `--populations=1,2,4,8` it prints instead, per model, the peak per device of main.py's
+train dispatch (device pipeline: the train split is resident) for a population of each size
+under `--population_sharding`, as `cifar_jax/memory.py` computes it when a run starts (there
+from the real device's limit, which stops a population that does not fit):
+
+  python benchmarks/memory.py --models=fast_cnn,resnet18 --populations=1,2,4,8 --devices=1
 """
 from __future__ import annotations
 
@@ -41,6 +48,9 @@ def main():
   parser.add_argument('--devices', type=int, default=8,
                       help='simulated CPU devices (0: the real devices, e.g. a TPU slice)')
   parser.add_argument('--device_gib', type=float, default=16.0)
+  parser.add_argument('--populations', default='',
+                      help='population sizes, comma-separated: the population table instead')
+  parser.add_argument('--population_sharding', default='replicated')
   args = parser.parse_args()
 
   if args.devices:
@@ -55,6 +65,9 @@ def main():
   from configs import default  # pylint: disable=import-outside-toplevel
 
   gib = lambda n: n / 2**30
+  if args.populations:
+    populations(args, default.get_config, gib)
+    return
   print(f'JAX {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices; '
         f'batch {args.batch_size} in {args.micro_batches} micro-batches, {args.optimizer}, ema {args.ema_decay}, '
         f'{"bfloat16" if args.half_precision else "float32"} compute; fits = total <= '
@@ -93,6 +106,47 @@ def main():
                 f'{gib(state_bytes):.2f} | {gib(temp):.2f} | {gib(total):.2f} | '
                 f'{"yes" if gib(total) <= args.device_gib else "no"} | {seconds:.0f} |',
                 flush=True)
+
+
+def populations(args, get_config, gib):
+  """The population table: peak bytes per device of the train dispatch for each size."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from cifar_jax import create_train_state, memory, parallel  # pylint: disable=import-outside-toplevel
+  from cifar_jax.data import cifar  # pylint: disable=import-outside-toplevel
+
+  sizes = [int(n) for n in args.populations.split(',')]
+  print(f'JAX {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices; '
+        f'batch {args.batch_size}, {args.optimizer}, ema {args.ema_decay}, members laid out '
+        f'{args.population_sharding}; the whole CIFAR-10 train split on each device')
+  print('| model | population | peak/dev GiB | each member more GiB | fits '
+        f'{args.device_gib:g} GiB | compile s |')
+  print('| --- | ---: | ---: | ---: | --- | ---: |')
+  num_train = cifar.SPLIT_SIZES['train']
+  for model in args.models.split(','):
+    config = get_config()
+    config.update(model=model, batch_size=args.batch_size, optimizer=args.optimizer,
+                  ema_decay=args.ema_decay, input_pipeline='device', parallelism='jit',
+                  population=max(sizes), population_sharding=args.population_sharding,
+                  half_precision=args.half_precision)
+    backend = parallel.create_backend('jit', members=max(sizes),
+                                      member_sharding=args.population_sharding)
+    solo = jax.eval_shape(lambda c=config: create_train_state(c, jax.random.key(0), num_train))
+    stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((max(sizes),) + x.shape, x.dtype),
+                           solo)
+    feed = {'images': jax.ShapeDtypeStruct((num_train, 32, 32, 3), jnp.uint8,
+                                           sharding=backend.replicated),
+            'labels': jax.ShapeDtypeStruct((num_train,), jnp.int32, sharding=backend.replicated)}
+    first = None  # (n, peak) of the smallest size: what each further member adds.
+    for n in sizes:
+      t = time.perf_counter()
+      peak = memory.peak_bytes(config, backend, stacked, feed, n)
+      seconds = time.perf_counter() - t
+      first = first or (n, peak)
+      more = f'{gib(peak - first[1]) / (n - first[0]):.3f}' if n > first[0] else '-'
+      print(f'| {model} | {n} | {gib(peak):.2f} | {more} | '
+            f'{"yes" if gib(peak) <= args.device_gib else "no"} | {seconds:.0f} |', flush=True)
 
 
 if __name__ == '__main__':

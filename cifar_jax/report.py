@@ -1,7 +1,8 @@
 """Plots a person can read: `WORKDIR/report.png` from `metrics.jsonl`.
 
 Four panels: train and eval loss against epoch; train and eval accuracy against
-epoch; the learning rate; the final eval's confusion matrix (row-normalized) with
+epoch (for a population: the members' mean, their min-max band and the ensemble's eval);
+the learning rate; the final eval's confusion matrix (row-normalized) with
 each class's accuracy in its row label, and per-class accuracy bars. Written at the end of
 every run (unless `config.report=False`) and by `main.py --mode=report`. matplotlib's
 Figure API with the Agg canvas (no pyplot, no display); no JAX.
@@ -87,18 +88,36 @@ def _last_by_step(records: list[dict], key: str) -> list[dict]:
   return [by_step[s] for s in sorted(by_step)]
 
 
+def _band(ax, xs, records: list[dict], name: str, color: str, label: str):
+  """A population's members, min to max, shaded around their mean (`name`'s line)."""
+  lists = [r.get(f'{name}_members') for r in records]
+  if records and all(isinstance(v, list) and v for v in lists):
+    ax.fill_between(xs, [min(v) for v in lists], [max(v) for v in lists], color=color,
+                    alpha=0.2, linewidth=0, label=f'{label}: {len(lists[-1])} members, min-max')
+
+
 def write_report(workdir) -> str:
   """Draws `workdir/report.png` from its metrics.jsonl; returns the path."""
   records = _records(workdir)
-  train = _last_by_step(records, 'train_loss')
-  evals = _last_by_step(records, 'eval_accuracy')
-  confusions = _last_by_step(records, 'confusion_matrix')
-  if not train and not evals:
+  if not any('train_loss' in r or 'eval_accuracy' in r for r in records):
     raise UserError(f'{workdir}/metrics.jsonl has no train or eval records yet')
   dataset = 'cifar10'
   saved_config = storage.read_text(storage.path(workdir) / 'config.json')
   if saved_config is not None:
     dataset = json.loads(saved_config).get('dataset', dataset)
+  fig = draw(records, dataset, f'{storage.path(workdir)}: {dataset}')
+  path = storage.path(workdir) / REPORT
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png')
+  storage.write_whole(path, buffer.getvalue())
+  return str(path)
+
+
+def draw(records: list[dict], dataset: str, title: str):
+  """The report's Figure from metrics.jsonl's records."""
+  train = _last_by_step(records, 'train_loss')
+  evals = _last_by_step(records, 'eval_accuracy')
+  confusions = _last_by_step(records, 'confusion_matrix')
   # Epoch of any step, from the train records' own epoch/step ratio.
   per_step = train[-1]['epoch'] / train[-1]['step'] if train and train[-1].get('epoch') else None
   epoch = lambda rs: [r['step'] * per_step if per_step else r['step'] for r in rs]
@@ -111,9 +130,15 @@ def write_report(workdir) -> str:
     if train:
       ax.plot(epoch(train), [r[f'train_{key}'] for r in train], '.-', markersize=4,
               label='train (mean since the previous log)', color='tab:blue')
+      _band(ax, epoch(train), train, f'train_{key}', 'tab:blue', 'train')
     if evals:
       ax.plot(epoch(evals), [r[f'eval_{key}'] for r in evals], 'o-', label='eval (test split)',
               color='tab:orange')
+      _band(ax, epoch(evals), evals, f'eval_{key}', 'tab:orange', 'eval')
+      ensemble = [r for r in evals if f'ensemble_{key}' in r]
+      if ensemble:
+        ax.plot(epoch(ensemble), [r[f'ensemble_{key}'] for r in ensemble], 's--',
+                color='tab:red', label='eval of the ensemble (mean of the softmax)')
     ax.set_xlabel(x_label)
     ax.set_ylabel(key)
     ax.set_title(title)
@@ -121,15 +146,22 @@ def write_report(workdir) -> str:
     ax.legend(fontsize=9)
   if evals:
     best = max(evals, key=lambda r: r['eval_accuracy'])
-    acc_ax.set_title(f'Accuracy: final eval {evals[-1]["eval_accuracy"]:.2%}, best '
-                     f'{best["eval_accuracy"]:.2%} (step {best["step"]})')
+    final = evals[-1]
+    spread = f' ± {final["eval_accuracy_std"]:.2%}' if 'eval_accuracy_std' in final else ''
+    ensemble = (f', ensemble {final["ensemble_accuracy"]:.2%}' if 'ensemble_accuracy' in final
+                else '')
+    acc_ax.set_title(f'Accuracy: final eval {final["eval_accuracy"]:.2%}{spread}{ensemble}, '
+                     f'best {best["eval_accuracy"]:.2%} (step {best["step"]})', fontsize=10)
   if train and 'learning_rate' in train[0]:
     lr_ax.plot(epoch(train), [r['learning_rate'] for r in train], '.-', markersize=4,
                color='tab:green')
+    _band(lr_ax, epoch(train), train, 'learning_rate', 'tab:green', 'learning rate')
   lr_ax.set_xlabel(x_label)
   lr_ax.set_ylabel('learning rate')
   lr_ax.set_title('Learning rate')
   lr_ax.grid(alpha=0.3)
+  if lr_ax.get_legend_handles_labels()[0]:
+    lr_ax.legend(fontsize=9)
   conf_ax, bar_ax = fig.add_subplot(grid[1, :2]), fig.add_subplot(grid[1, 2])
   names = list(CLASS_NAMES[dataset])
   if confusions:
@@ -152,9 +184,5 @@ def write_report(workdir) -> str:
     for ax in (conf_ax, bar_ax):
       ax.axis('off')
     conf_ax.text(0.5, 0.5, 'no final eval yet', ha='center', va='center')
-  fig.suptitle(f'{storage.path(workdir)}: {dataset}', fontsize=12)
-  path = storage.path(workdir) / REPORT
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format='png')
-  storage.write_whole(path, buffer.getvalue())
-  return str(path)
+  fig.suptitle(title, fontsize=12)
+  return fig

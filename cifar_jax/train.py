@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from cifar_jax import (checkpointing, config_checks, dispatch, loop, metric_logging, optimizers,
-                       parallel, population, report as report_lib, step as step_lib,
+from cifar_jax import (checkpointing, config_checks, dispatch, loop, memory as memory_lib,
+                       metric_logging, optimizers, parallel, population, report as report_lib, step as step_lib,
                        workdir as workdir_lib)
 from cifar_jax.data import cifar, device_pipeline, sources
 from cifar_jax.errors import ResourceError, UserError
@@ -468,6 +468,8 @@ def _train(config, workdir: str, hooks: loop.Hooks, held: lease_lib.Lease) -> di
         feed = next(feeds)  # (The host pipeline's start-up is not compile time.)
         profiler.before(step, meter.carry)
         started = time.perf_counter()
+        if index == 0:  # Compiled before it runs: a population too big for memory stops here.
+          memory_lib.check_population_fits(config, backend, run_steps, state, meter.carry, feed)
         state, carry = run_steps(state, meter.carry, feed, n)
         step += n
         meter.add(carry, n)

@@ -25,6 +25,7 @@ LAYERS = {
     'cifar_jax.metric_logging': 7,
     'cifar_jax.config_checks': 7,
     'cifar_jax.loop': 7,
+    'cifar_jax.memory': 7,
     'cifar_jax.report': 8,
     'cifar_jax.workdir': 8,
     'cifar_jax.train': 9,

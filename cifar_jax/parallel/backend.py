@@ -221,7 +221,8 @@ class Backend:
     key = ('train', pipeline, fields, self.loop_dispatch, layout_key(layout))
     return self._cached(key, lambda: self._build_train_dispatch(pipeline, config, layout))
 
-  def _build_train_dispatch(self, pipeline: str, config, layout):
+  def _train_jitted(self, pipeline: str, config, layout):
+    """The jitted (not yet compiled) train dispatch `(state, carry, feed, first, last)`."""
     sync, loop, members = self.sync_grads, self.loop_dispatch, self.members
 
     def fn(state, carry, feed, first, last, axis_name, constrain=None):
@@ -232,22 +233,44 @@ class Backend:
                                   members=members)
 
     feed_kind = Kind.BATCHES if pipeline == 'host' else Kind.DATA
-    jitted = self.compile(fn, (Kind.STATE, Kind.REPLICATED, feed_kind, Kind.SCALAR, Kind.SCALAR),
-                          (Kind.STATE, Kind.REPLICATED), layout, donate=(0, 1))
+    return self.compile(fn, (Kind.STATE, Kind.REPLICATED, feed_kind, Kind.SCALAR, Kind.SCALAR),
+                        (Kind.STATE, Kind.REPLICATED), layout, donate=(0, 1))
+
+  def train_peak_bytes(self, pipeline: str, config, state, carry, feed) -> int | None:
+    """Per-device peak bytes of the train dispatch on arguments shaped like these (arrays
+    or ShapeDtypeStructs), from XLA's memory analysis of it compiled, not run; None where
+    the platform does not report it."""
+    jitted = self._train_jitted(pipeline, config, self.state_layout(state))
+    scalar = self.put_scalar(0)
+    executable = jitted.lower(state, carry, feed, scalar, scalar).compile()
+    return _memory_stats(executable).get('peak_bytes_per_device')
+
+  def _build_train_dispatch(self, pipeline: str, config, layout):
+    loop = self.loop_dispatch
+    jitted = self._train_jitted(pipeline, config, layout)
     executable = []
 
-    def compiled(*args):
-      # Compiled ahead of time at the first call, to read its memory statistics. The
-      # executable checks its arguments itself; others (e.g. a state with another
-      # schedule) go through jit's own cache.
+    def compile_once(*args):
+      # Compiled ahead of time, at the first call or by `run.compile`, to read its memory
+      # statistics before anything runs.
       if not executable:
         executable.append(jitted.lower(*args).compile())
         self.memory = _memory_stats(executable[0])
         self.train_executable = executable[0]  # (Its HLO: tests, benchmarks.)
+      return executable[0]
+
+    def compiled(*args):
+      # The executable checks its arguments itself; others (e.g. a state with another
+      # schedule) go through jit's own cache.
       try:
-        return executable[0](*args)
+        return compile_once(*args)(*args)
       except TypeError:  # Raised before anything runs or is donated.
         return jitted(*args)
+
+    def ahead(state, carry, feed) -> dict:
+      """Compiles the dispatch for these arguments without running it: its memory stats."""
+      compile_once(state, carry, feed, self.put_scalar(0), self.put_scalar(1))
+      return self.memory
 
     def run(state, carry, feed, num_steps):
       if loop:
@@ -256,6 +279,7 @@ class Backend:
         state, carry = compiled(state, carry, feed, self.put_scalar(i), self.put_scalar(i + 1))
       return state, carry
 
+    run.compile = ahead
     return run
 
   def eval_dispatch(self, config, tta: int = 0, layout=None):
@@ -293,5 +317,9 @@ def _memory_stats(executable) -> dict:
     return {}
   if isinstance(analysis, (list, tuple)):  # One per device under some backends.
     analysis = analysis[0]
-  return {'temp_bytes_per_device': int(analysis.temp_size_in_bytes)}
+  # The peak: arguments and outputs live together, less the donated buffers outputs reuse.
+  peak = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+          - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+  return {'temp_bytes_per_device': int(analysis.temp_size_in_bytes),
+          'peak_bytes_per_device': int(peak)}
 
