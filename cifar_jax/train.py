@@ -346,9 +346,11 @@ def _first_dispatch(backend, carry, started: float, memory: dict) -> dict:
   `dispatch.schedule`) timed with its compile, and the memory statistics."""
   jax.block_until_ready(carry)
   record = {'compile_seconds': time.perf_counter() - started, **memory, **backend.memory}
+  members = f' for {backend.members} members' if backend.members > 1 else ''
   logging.info('First step (compile included): %.2f s; compiled step temporaries: %s per '
-               'device.', record['compile_seconds'],
-               _mib(backend.memory.get('temp_bytes_per_device')))
+               'device, peak %s%s (memory.py checks it against the device\'s limit).',
+               record['compile_seconds'], _mib(backend.memory.get('temp_bytes_per_device')),
+               _mib(backend.memory.get('peak_bytes_per_device')), members)
   return record
 
 

@@ -71,7 +71,8 @@ def arrays(workdir, step=STEPS):
 
 # What differs between launches by nature: speed, compile time, memory (first record only).
 VOLATILE = ('images_per_sec', 'compile_seconds', 'state_bytes_per_device',
-            'temp_bytes_per_device', 'argument_bytes_per_device', 'output_bytes_per_device')
+            'temp_bytes_per_device', 'argument_bytes_per_device', 'output_bytes_per_device',
+            'peak_bytes_per_device')
 
 
 def assert_logged_as_uninterrupted(got, want):

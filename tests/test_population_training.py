@@ -189,7 +189,7 @@ ARGS = ['--config=configs/default.py', '--config.model=fast_cnn', '--config.data
         '--config.population=2', "--config.population_sweep=learning_rate=0.05,0.1",
         '--config.ema_decay=0.9', CACHE_FLAG]
 VOLATILE = ('images_per_sec', 'compile_seconds', 'state_bytes_per_device',
-            'temp_bytes_per_device')
+            'temp_bytes_per_device', 'peak_bytes_per_device')
 
 
 def _main(workdir, *extra, devices=2, fault=None):
