@@ -22,7 +22,7 @@ train dispatch (device pipeline: the train split is resident) for a population o
 under `--population_sharding`, as `cifar_jax/memory.py` computes it when a run starts (there
 from the real device's limit, which stops a population that does not fit):
 
-  python benchmarks/memory.py --models=fast_cnn,resnet18 --populations=1,2,4,8 --devices=1
+  python benchmarks/memory.py --models=fast_cnn,airbench,resnet18 --populations=1,2,4,8 --devices=1
 """
 from __future__ import annotations
 

@@ -51,6 +51,7 @@ def test_member_i_sees_exactly_the_batches_of_the_solo_run(setup):
         np.testing.assert_array_equal(batches[key][i], solo[key])
 
 
+@pytest.mark.e2e  # Trains N + 1 models; main.py's loop is checked the same way.
 def test_population_training_equals_each_solo_run(setup):
   """To float tolerance: vmapped convolutions are lowered differently, and training
   amplifies last-bit differences at its own pace (measured after one step: <= 3e-6 on every
