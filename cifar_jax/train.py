@@ -23,8 +23,8 @@ import numpy as np
 from absl import logging
 
 from cifar_jax import (checkpointing, config_checks, dispatch, loop, memory as memory_lib,
-                       metric_logging, optimizers, parallel, population, report as report_lib, step as step_lib,
-                       workdir as workdir_lib)
+                       metric_logging, optimizers, parallel, population, report as report_lib,
+                       step as step_lib, workdir as workdir_lib)
 from cifar_jax.data import cifar, device_pipeline, sources
 from cifar_jax.errors import ResourceError, UserError
 from cifar_jax.runtime import compilation_cache, faults, lease as lease_lib, preemption, storage
