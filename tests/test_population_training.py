@@ -2,6 +2,8 @@
 seed + i (and its swept values), under every backend and both pipelines; resumes are
 bit-identical; 2 processes x 4 devices train like 1 x 8; eval, predict and export of a
 member or of the ensemble. (The step itself: test_population.py.)"""
+import hashlib
+import json
 import os
 import re
 import signal
@@ -256,3 +258,38 @@ def test_two_processes_x_4_devices_train_like_one_x_8(tmp_path):
   assert final(two)['eval_loss_members'] == pytest.approx(final(one)['eval_loss_members'],
                                                           rel=1e-4)
   assert not error_lines(outputs[0])
+
+
+# --- population 1 is the solo run of before populations, bit for bit ----------------------
+SOLO_ARGS = ['--config=configs/default.py', '--config.model=airbench',
+             '--config.model_widths=(8,8,8)', '--config.data_source=synthetic',
+             '--config.num_synthetic_examples=256', '--config.batch_size=32',
+             '--config.eval_batch_size=64', '--config.num_train_steps=4',
+             '--config.warmup_epochs=0', '--config.lookahead_every=2', '--config.ema_decay=0.9',
+             '--config.bn_bias_lr_multiplier=64', '--config.whiten_bias_epochs=1',
+             '--config.lr_schedule=triangular', '--config.lr_units=per_1024_examples',
+             '--config.learning_rate=2.0', '--config.label_smoothing=0.2',
+             '--config.input_pipeline=device', '--config.report=False',
+             '--config.checkpoint_every_steps=4', '--config.eval_every_steps=4',
+             '--config.log_every_steps=2', "--config.compilation_cache_dir="]
+
+
+@pytest.mark.e2e
+def test_population_1_is_bit_identical_to_the_solo_run_before_populations(tmp_path):
+  """tests/fixtures/solo_run_f723e76.json: the digests of a run written before
+  config.population existed. Bit identity holds under the JAX (and XLA) that wrote it."""
+  with open(os.path.join(ROOT, 'tests', 'fixtures', 'solo_run_f723e76.json'),
+            encoding='utf-8') as f:
+    want = json.load(f)
+  if jax.__version__ != want['jax']:
+    pytest.skip(f'recorded under jax {want["jax"]}; last bits differ under another XLA')
+  workdir = str(tmp_path / 'solo')
+  result = subprocess.run([*main_command(), f'--workdir={workdir}', *SOLO_ARGS,
+                           '--config.population=1'], cwd=ROOT, env=subprocess_env(1),
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  digest = lambda v: hashlib.sha256(f'{v.dtype}{v.shape}'.encode() +
+                                    np.ascontiguousarray(v).tobytes()).hexdigest()[:16]
+  got = checkpoint_arrays(os.path.join(workdir, 'checkpoints', '4', 'default'))
+  assert {k: digest(v) for k, v in got.items()} == want['arrays']
+  assert _stable(workdir) == want['records']
