@@ -144,6 +144,7 @@ def test_records_eval_and_serving_of_a_member_or_the_ensemble(jit_run, tmp_path)
                              rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.e2e  # Compiles an 8-member step.
 def test_split_members_train_with_no_collective_in_the_step():
   """member_sharding='members': each device trains its own member, nothing crosses devices
   (under plain jit XLA's partitioner all-gathers the vmapped convolutions' activations)."""
