@@ -5,7 +5,8 @@
 - `TrainMeter`: the train metrics summed on the devices between two records,
   and the training time they took (evals and saves excluded).
 - `Progress`: the progress line; it counts the steps the devices have
-  *finished*, not the steps dispatched (dispatch runs ahead of the devices).
+  *finished*, not the steps dispatched (dispatch runs ahead of the devices), and
+  its rate and ETA come from finished work only.
 - `ProfileWindow`: a profiler trace of exactly the steps of `config.profile_steps`.
 - `Hooks`: where code outside the product (the tests' fault injection, tools)
   may act on a run between dispatches; the default does nothing.
@@ -14,10 +15,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import threading
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import logging
 
 from cifar_jax import dispatch, population
@@ -83,36 +84,95 @@ class TrainMeter:
 
 
 class Progress:
-  """Logs `Step N/T (x%): r steps/sec, ETA m min` at most every `every_secs` seconds.
+  """Logs `Step N/T (x%): r steps/sec, ETA m min` every `every_secs` seconds, true from
+  the first line on however long a dispatch is.
 
-  N is the last step whose dispatch the devices have finished (`jax.Array.is_ready`
-  on a copy of one of its outputs: no waiting; the outputs themselves are donated to
-  the next dispatch), so the rate and the ETA are the devices', not how fast Python
-  queues work ahead of them.
+  - N is the last step the devices have *finished* (`is_ready()` of something each
+    dispatch, or each step, hands to `dispatched`: no waiting), not the last one
+    dispatched: Python queues work ahead of the devices.
+  - The rate and the ETA come from finished work only: the steps finished since the
+    launch's first one (whose time includes the compile) over the time since it
+    finished. Until a later step has finished there is no rate and no ETA in the line.
+  - Its own thread looks every `poll_secs`, so the lines keep coming while the loop
+    waits on a long dispatch; the first one comes `every_secs` after the first step
+    finished. Where a dispatch is one call per step (XLA:CPU, dispatch.py) the loop
+    reports each step, so an epoch-long dispatch is seen step by step; where it is one
+    compiled loop, the first finished dispatch gives the rate.
+
+  A context manager (the thread runs inside it); `clock` and `poll_secs=None` (no
+  thread: the caller calls `poll`) are for tests.
   """
 
-  def __init__(self, start_step: int, total_steps: int, every_secs: float = 30.0):
-    self._total, self._every = total_steps, every_secs
-    self._last_step, self._last_time = start_step, time.perf_counter()
-    self._pending = collections.deque()  # (step, an output of the dispatch ending there)
+  def __init__(self, start_step: int, total_steps: int, every_secs: float = 30.0,
+               poll_secs: float | None = 1.0, clock=time.perf_counter):
+    self._total, self._every, self._poll_secs, self._clock = total_steps, every_secs, \
+        poll_secs, clock
+    self._lock = threading.Lock()
+    self._pending = collections.deque()  # (step, its done-marker), in step order.
+    self._finished = start_step
+    self._first = None   # (step, time): the launch's first finished step (compile included).
+    self._latest = None  # (step, time): the latest finished step after it.
+    self._last_line = None
+    self._stop = threading.Event()
+    self._thread = None
 
-  def dispatched(self, step: int, output: jax.Array) -> None:
-    self._pending.append((step, jnp.copy(output)))  # One scalar op per dispatch.
-    now = time.perf_counter()
-    if now - self._last_time < self._every and step != self._total:
-      return
+  def __enter__(self) -> Progress:
+    if self._poll_secs is not None:
+      self._thread = threading.Thread(target=self._watch, name='progress', daemon=True)
+      self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+
+  def _watch(self) -> None:
+    while not self._stop.wait(self._poll_secs):
+      self.poll()
+
+  def dispatched(self, step: int, done) -> None:
+    """The work up to `step` has been dispatched; `done.is_ready()` says when it has
+    finished (a jax.Array the caller does not donate to later work). The last step is
+    waited for and reported at once."""
+    with self._lock:
+      self._pending.append((step, done))
     if step == self._total:
-      jax.block_until_ready(self._pending[-1][1])
-    finished = self._last_step
-    while self._pending and self._pending[0][1].is_ready():
-      finished = self._pending.popleft()[0]
-    if finished == self._last_step:
-      return
-    rate = (finished - self._last_step) / max(now - self._last_time, 1e-9)
-    eta = (self._total - finished) / rate
-    logging.info('Step %d/%d (%.1f%%): %.2f steps/sec, ETA %.1f min', finished, self._total,
-                 100.0 * finished / self._total, rate, eta / 60)
-    self._last_step, self._last_time = finished, now
+      jax.block_until_ready(done)
+      self.poll(force=True)
+    else:
+      self.poll()
+
+  def poll(self, force: bool = False) -> str | None:
+    """Takes note of what has finished; logs the line when it is due. Returns it."""
+    with self._lock:
+      now = self._clock()
+      while self._pending and self._pending[0][1].is_ready():
+        self._finished = self._pending.popleft()[0]
+        if self._first is None:
+          self._first = (self._finished, now)
+        elif self._finished > self._first[0]:
+          self._latest = (self._finished, now)
+      if self._first is None:
+        return None  # Still compiling: nothing has run yet.
+      since = self._last_line if self._last_line is not None else self._first[1]
+      if not force and now - since < self._every:
+        return None
+      self._last_line = now
+      line = self.line(now)
+    logging.info('%s', line)
+    return line
+
+  def line(self, now: float) -> str:
+    """The ETA: the steps left at the rate so far, less the time since the latest finish
+    (with one finish per dispatch, the next may be well under way)."""
+    text = f'Step {self._finished}/{self._total} ({100.0 * self._finished / self._total:.1f}%)'
+    if self._latest is None:
+      return text + ': no rate or ETA until a step after the first (compile) has finished'
+    (first_step, first_time), (step, time_) = self._first, self._latest
+    rate = (step - first_step) / max(time_ - first_time, 1e-9)
+    eta = max(0.0, (self._total - step) / rate - (now - time_))
+    return text + f': {rate:.2f} steps/sec, ETA {eta / 60:.1f} min'
 
 
 class ProfileWindow:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import itertools
 import os
 import re
@@ -354,6 +355,11 @@ def _first_dispatch(backend, carry, started: float, memory: dict) -> dict:
   return record
 
 
+def _report_progress(progress: loop.Progress, start: int, done: int, carry) -> None:
+  # A copy: the carry itself is donated to the next call.
+  progress.dispatched(start + done, jnp.copy(carry['first_bad']))
+
+
 def _hold_workdir(config, workdir: str, allow_config_change: bool,
                   lease_timeout_s: float) -> lease_lib.Lease:
   """Validates the config, creates `workdir`, takes its lease (one writer per workdir) and
@@ -461,9 +467,10 @@ def _train(config, workdir: str, hooks: loop.Hooks, held: lease_lib.Lease) -> di
   feeds = itertools.repeat(run.train_feed) if run.train_feed is not None else backend.prefetch(
       _host_blocks(run.train_data, config, start_step, sizes, config.steps_per_dispatch),
       put=backend.put_batches)
-  meter, progress = loop.TrainMeter(backend), loop.Progress(start_step, total_steps)
+  meter = loop.TrainMeter(backend)
   step, first_record, eval_metrics, result = start_step, {}, {}, None
-  with preemption.PreemptionGuard() as guard, _profile_dir(workdir, bool(window)) as traces:
+  with preemption.PreemptionGuard() as guard, _profile_dir(workdir, bool(window)) as traces, \
+      loop.Progress(start_step, total_steps) as progress:
     profiler = loop.ProfileWindow(window, traces, workdir)
     try:
       for index, n in enumerate(sizes):
@@ -472,13 +479,13 @@ def _train(config, workdir: str, hooks: loop.Hooks, held: lease_lib.Lease) -> di
         started = time.perf_counter()
         if index == 0:  # Compiled before it runs: a population too big for memory stops here.
           memory_lib.check_population_fits(config, backend, run_steps, state, meter.carry, feed)
-        state, carry = run_steps(state, meter.carry, feed, n)
+        state, carry = run_steps(state, meter.carry, feed, n, on_step=functools.partial(
+            _report_progress, progress, step))
         step += n
         meter.add(carry, n)
         profiler.after(step, carry)
         if index == 0:
           first_record = _first_dispatch(backend, carry, started, memory)
-        progress.dispatched(step, carry['first_bad'])
         if loop.itstime(step, config.log_every_steps, total_steps):
           checkpoints.check_finite(carry)
           checkpoints.check_saves()

@@ -41,16 +41,99 @@ def test_progress_counts_the_steps_the_devices_finished(caplog):
 
   x = jnp.ones((256, 256)) / 256
   jax.block_until_ready((slow(x), jnp.copy(x)))  # Compiled off the clock.
-  progress = loop.Progress(0, 10, every_secs=0.0)
+  progress = loop.Progress(0, 10, every_secs=0.0, poll_secs=None)
   lines = lambda: [r.getMessage() for r in caplog.records if r.getMessage().startswith('Step ')]
   with caplog.at_level(logging.INFO):
     out = slow(x)
     progress.dispatched(1, out)  # Dispatched, not finished: nothing to report yet.
     assert not lines()
     jax.block_until_ready(out)
+    progress.poll()
+    assert lines() == ['Step 1/10 (10.0%): no rate or ETA until a step after the first '
+                       '(compile) has finished']
     progress.dispatched(10, out + 1)  # The last step: waits for it, then reports it.
-  assert lines()[-1].startswith('Step 10/10 (100.0%)')
-  assert all(line.split()[1] in ('1/10', '10/10') for line in lines())
+  assert lines()[-1].startswith('Step 10/10 (100.0%): ') and 'ETA 0.0 min' in lines()[-1]
+
+
+class _FakeClock:
+  now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+class _Done:
+  """A step's done-marker: ready once the fake clock passes `at`."""
+
+  def __init__(self, clock, at):
+    self._clock, self._at = clock, at
+
+  def is_ready(self):
+    return self._clock() >= self._at
+
+
+def _simulated_run(per_step_markers: bool):
+  """The real-data configs/cpu.py run's shape: 776 steps, 97 per dispatch (an epoch),
+  the first step alone with 240 s of compile, 2.2 s a step, a 15 s eval after each epoch.
+  Python queues a whole dispatch at once, as the asynchronous dispatch does. Returns
+  (the lines with the fake times they were logged at, each step's finish time)."""
+  clock = _FakeClock()
+  total, k = 776, 97
+  progress = loop.Progress(0, total, every_secs=30.0, poll_secs=None, clock=clock)
+  finish, t = {1: 240.0}, 240.0
+  for step in range(2, total + 1):
+    t += 2.2 + (15.0 if (step - 1) % k == 0 else 0.0)
+    finish[step] = t
+  sizes = dispatch.schedule(0, total, k, (k,))
+  ends = list(itertools.accumulate(sizes))
+  lines, queued = [], 0
+  for now in np.arange(0.0, finish[total], 1.0):  # The progress thread's once a second.
+    clock.now = now
+    while queued < len(ends) and (queued == 0 or finish[ends[queued - 1]] <= now):
+      first = ends[queued - 1] + 1 if queued else 1
+      for step in (range(first, ends[queued] + 1) if per_step_markers else [ends[queued]]):
+        progress.dispatched(step, _Done(clock, finish[step]))  # (Never the last step here.)
+      queued += 1
+    line = progress.poll()
+    if line:
+      lines.append((now, line))
+  return lines, finish
+
+
+@pytest.mark.parametrize('per_step_markers', [True, False], ids=['cpu_steps', 'one_call'])
+def test_progress_is_true_from_its_first_line_when_a_dispatch_is_an_epoch(per_step_markers):
+  lines, finish = _simulated_run(per_step_markers)
+  assert lines and lines[0][0] - finish[1] <= 60  # Within a minute of the first step.
+  with_eta = 0
+  for now, line in lines:
+    done = int(line.split()[1].split('/')[0])
+    assert finish[done] <= now, line  # Finished steps, not those dispatched,
+    if per_step_markers:  # and all of them.
+      assert done == 776 or finish[done + 1] > now - 1.0, (now, line)
+    if 'steps/sec' not in line:
+      assert with_eta == 0 and 'no rate or ETA' in line, line  # None until it can be computed.
+      continue
+    with_eta += 1
+    eta = float(line.split('ETA ')[1].split()[0]) * 60
+    true = finish[776] - now
+    assert true / 2 <= eta <= 2 * true or abs(eta - true) < 60, (now, line, true)
+  assert with_eta >= len(lines) - (1 if per_step_markers else 8)
+
+
+def test_progress_lines_keep_coming_while_the_loop_waits_on_a_long_dispatch(caplog):
+  """Its thread reports the finished steps of a dispatch of slow fake steps (0.05 s each)
+  queued at once, while the caller sleeps."""
+  start = time.perf_counter()
+  with caplog.at_level(logging.INFO), loop.Progress(0, 40, every_secs=0.2, poll_secs=0.02) as p:
+    for step in range(1, 40):
+      p.dispatched(step, _Done(time.perf_counter, start + 0.05 * step))
+    time.sleep(1.6)
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('Step ')]
+  assert len(lines) >= 4, lines
+  counts = [int(line.split()[1].split('/')[0]) for line in lines]
+  assert counts == sorted(counts) and 1 <= counts[0] < counts[-1] <= 39, lines
+  rates = [float(line.split(': ')[1].split()[0]) for line in lines if 'steps/sec' in line]
+  assert rates and all(10 < r < 30 for r in rates), lines  # 20 steps/sec.
 
 
 class _Recorder(loop.Hooks):
@@ -72,7 +155,7 @@ def test_hooks_see_every_dispatch_and_save_and_the_trace_holds_exactly_the_windo
   from jax.profiler import ProfileData  # pylint: disable=import-outside-toplevel
   small_config.update(num_train_steps=9, input_pipeline='device', steps_per_dispatch=4,
                       log_every_steps=3, eval_every_steps=9, checkpoint_every_steps=5,
-                      report=False, compilation_cache_dir='', profile_steps='2:4',
+                      report=False, profile_steps='2:4',
                       model_widths=(8, 8, 8))
   hooks = _Recorder()
   train.train_and_evaluate(small_config, str(tmp_path), hooks=hooks)

@@ -81,6 +81,7 @@ class Backend:
     self.num_devices = len(self.devices)
     self.data_size, self.model_size = mesh_lib.axis_sizes(mesh_shape, self.num_devices)
     self.sharding = sharding
+    self.fsdp_min_size = sharding_lib.FSDP_MIN_SIZE  # (create_backend's argument.)
     self.loop_dispatch = (self.devices[0].platform != 'cpu' if loop_dispatch is None
                           else loop_dispatch)
     self.mesh = self._make_mesh(mesh_shape)
@@ -272,11 +273,19 @@ class Backend:
       compile_once(state, carry, feed, self.put_scalar(0), self.put_scalar(1))
       return self.memory
 
-    def run(state, carry, feed, num_steps):
+    def run(state, carry, feed, num_steps, on_step=None):
+      """`on_step(steps_done, carry)` after each compiled call: once per dispatch with
+      `loop_dispatch`, else after each step (the progress line sees each finish)."""
       if loop:
-        return compiled(state, carry, feed, self.put_scalar(0), self.put_scalar(num_steps))
+        state, carry = compiled(state, carry, feed, self.put_scalar(0),
+                                self.put_scalar(num_steps))
+        if on_step is not None:
+          on_step(num_steps, carry)
+        return state, carry
       for i in range(num_steps):
         state, carry = compiled(state, carry, feed, self.put_scalar(i), self.put_scalar(i + 1))
+        if on_step is not None:
+          on_step(i + 1, carry)
       return state, carry
 
     run.compile = ahead
