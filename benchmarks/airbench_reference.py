@@ -22,6 +22,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import quiet  # benchmarks/quiet.py, beside this script
 
 import numpy as np
 
@@ -59,6 +60,7 @@ def import_airbench(source: str):
 
 
 def main():
+  quiet.report(sys.stderr)  # Core count and load at start and end.
   parser = argparse.ArgumentParser()
   parser.add_argument('--data', required=True, help='.npz of our train/test pixels and labels.')
   parser.add_argument('--runs', type=int, default=5)

@@ -12,6 +12,7 @@ import statistics
 import sys
 import tempfile
 import time
+import quiet  # benchmarks/quiet.py, beside this script
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,6 +40,7 @@ def timed_steps(backend, state, batch, n):
 
 
 def main(_):
+  quiet.report()  # Core count and load at start and end.
   config = FLAGS.config
   backend = parallel.create_backend(config.parallelism)
   state = backend.put_state(step_lib.create_train_state(config, jax.random.key(0)))

@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+import quiet  # benchmarks/quiet.py, beside this script
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('EPATH_USE_TF', 'false')  # As main.py.
@@ -62,6 +63,7 @@ def measure(directory, state, shardings, repeats):
 
 
 def main(_):
+  quiet.report()  # Core count and load at start and end.
   emulator = None
   dirs = list(FLAGS.dirs)
   if FLAGS.emulator:

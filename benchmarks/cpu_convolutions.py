@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import quiet  # benchmarks/quiet.py, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -31,6 +32,7 @@ def bare_step(args, xla_flags, keep_defaults):
 
 
 def main(args):
+  quiet.report()  # Core count and load at start and end.
   print(f'bare train step, 1 CPU device, float32, {os.cpu_count()} cores; args: '
         f'{" ".join(args)}', flush=True)
   before = bare_step(args, '', keep_defaults=True)

@@ -12,6 +12,7 @@ needed on the installed jaxlib.
 import argparse
 import importlib.metadata
 import time
+import quiet  # benchmarks/quiet.py, beside this script
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ def sgd_step(w, x):
 
 
 def main():
+  quiet.report()  # Core count and load at start and end.
   parser = argparse.ArgumentParser()
   parser.add_argument('--channels', type=int, default=64)
   parser.add_argument('--batch', type=int, default=16)

@@ -30,11 +30,13 @@ import argparse
 import os
 import sys
 import time
+import quiet  # benchmarks/quiet.py, beside this script
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main():
+  quiet.report()  # Core count and load at start and end.
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n', 1)[0])
   parser.add_argument('--models', default='wrn28_10,vit_small,vit_giant')
   parser.add_argument('--meshes', default='8x1,4x2', help='data x model, comma-separated')

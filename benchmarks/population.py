@@ -18,6 +18,7 @@ N-1 after the timed steps is compared with its solo twin (max |difference| of pa
 import os
 import sys
 import time
+import quiet  # benchmarks/quiet.py, beside this script
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -83,6 +84,7 @@ def measure(config, n: int, steps: int, warmup: int) -> dict:
 
 
 def main(argv):
+  quiet.report()  # Core count and load at start and end.
   del argv
   config = FLAGS.config
   print(f'JAX {jax.__version__}, {jax.devices()[0].device_kind} ({jax.default_backend()}), '

@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+import quiet  # benchmarks/quiet.py, beside this script
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -115,6 +116,7 @@ def input_capacity(config, pipeline, num_batches):
 
 
 def main(_):
+  quiet.report(sys.stderr if FLAGS.bare_only else None)  # Core count and load at start and end.
   config = FLAGS.config
   print(f'XLA:CPU convolutions: {xla_cpu.use_fast_convolutions()}', flush=True)  # As main.py.
   if FLAGS.bare_only:

@@ -10,7 +10,9 @@ fixed batch, like throughput.py's "bare step".
 """
 import argparse
 import json
+import sys
 import time
+import quiet  # benchmarks/quiet.py, beside this script
 
 import torch
 from torch import nn
@@ -85,6 +87,7 @@ def main():
   parser.add_argument('--channels_last', action='store_true')
   parser.add_argument('--json', action='store_true', help='Print one JSON line.')
   args = parser.parse_args()
+  quiet.report(sys.stderr if args.json else None)  # Core count and load at start and end.
   kwargs = {'widths': tuple(int(w) for w in args.widths.split(','))} if args.widths else {}
   model = (FastCNN if args.model == 'fast_cnn' else Airbench)(**kwargs)
   fmt = torch.channels_last if args.channels_last else torch.contiguous_format

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import quiet  # benchmarks/quiet.py, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -115,6 +116,7 @@ def summary(name: str, lines: list[dict]) -> dict | None:
 
 
 def main(argv):
+  quiet.report()  # Core count and load at start and end.
   del argv
   config = FLAGS.config
   if FLAGS.side == 'ours':

@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import quiet  # benchmarks/quiet.py, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -39,6 +40,7 @@ def child(cmd, keep_xla_defaults=False, python=sys.executable):
 
 
 def main():
+  quiet.report()  # Core count and load at start and end.
   parser = argparse.ArgumentParser()
   parser.add_argument('--config', default='configs/cpu.py')
   parser.add_argument('--model', default='', help='Override the config model (fast_cnn|airbench).')
