@@ -73,13 +73,37 @@ def test_vit_rules_are_megatron_style():
   assert trace.spec == P(None, 'model')
 
 
-# --- the same numbers: resnet18 and vit_small, replicated vs fsdp vs fsdp_tensor ---------
+@pytest.mark.parametrize('model', ['resnet18', 'vit_small'])
+@pytest.mark.parametrize('sharding, mesh_shape', [('fsdp', (8, 1)), ('fsdp_tensor', (4, 2))])
+def test_the_real_models_state_is_split_an_eighth_to_each_device(model, sharding, mesh_shape):
+  """The rules on the real models at the real threshold (abstract shapes: nothing is
+  compiled): every leaf of FSDP_MIN_SIZE elements or more is split, and each device holds
+  about an eighth of the state (ZeRO-3). The numbers they give are checked below on small
+  models whose leaves split under a lower threshold: the same rules, a fraction of the
+  compute."""
+  from configs import default
+  config = default.get_config()
+  config.update(model=model, batch_size=8)
+  state = jax.eval_shape(lambda: create_train_state(config, jax.random.key(0), 50_000))
+  layout = parallel.create_backend('jit', mesh_shape=mesh_shape, sharding=sharding
+                                   ).state_layout(state)
+  for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(layout)):
+    if x.size >= sharding_lib.FSDP_MIN_SIZE and max(x.shape) % 8 == 0:
+      assert s.spec != P(), (x.shape, s.spec)
+  replicated = sharding_lib.bytes_per_device(state, parallel.create_backend('jit').replicated)
+  assert sharding_lib.bytes_per_device(state, layout) <= 1.25 * replicated / 8
+
+
+# --- the same numbers: replicated vs fsdp vs fsdp_tensor ---------------------------------
 
 LAYOUTS = [('replicated', (8, 1)), ('fsdp', (8, 1)), ('fsdp_tensor', (4, 2))]
+# Small enough that the small models' kernels split (their biases and norms stay whole).
+SMALL_FSDP_MIN_SIZE = 64
 
 
 def _train(config, batches, sharding, mesh_shape, devices=None):
-  backend = parallel.create_backend('jit', devices, mesh_shape=mesh_shape, sharding=sharding)
+  backend = parallel.create_backend('jit', devices, mesh_shape=mesh_shape, sharding=sharding,
+                                    fsdp_min_size=SMALL_FSDP_MIN_SIZE)
   state = create_train_state(config, jax.random.key(0), 50_000, layout=backend.state_layout)
   nbytes = backend.state_bytes_per_device(state)
   losses = []
@@ -98,16 +122,18 @@ def _relative_error(got, ref, start):
 
 # A convnet at 1 image per device is ill-conditioned in float32 (BatchNorm over 8 images;
 # measured on wrn28_10: its momentum differs by ~5% between 1 and 8 replicated devices), so
-# its tolerance is set by that noise floor, measured here; vit_small agrees to ~1e-7.
-# resnet18 rather than wrn28_10 (docs/large_models.md's table): the same layout rules, a ninth the compute.
-@pytest.mark.parametrize('model, batch_size, measure_floor', [('resnet18', 8, True),
-                                                              ('vit_small', 8, False)])
+# its tolerance is set by that noise floor, measured here; a ViT agrees to ~1e-7.
+# fast_cnn (convolutions, BatchNorm, a dense head) and vit_micro (attention, MLP, LayerNorm)
+# at small widths: every kind of leaf the rules lay out, each split by fsdp and tensor.
+@pytest.mark.parametrize('model, widths, measure_floor', [('fast_cnn', (16, 32, 32), True),
+                                                          ('vit_micro', (), False)])
 @pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
-def test_fsdp_and_tensor_parallel_give_the_replicated_numbers(model, batch_size, measure_floor):
+def test_fsdp_and_tensor_parallel_give_the_replicated_numbers(model, widths, measure_floor):
   from configs import default
   config = default.get_config()
-  config.update(model=model, batch_size=batch_size, warmup_epochs=0.0, learning_rate=0.05,
-                ema_decay=0.9)
+  batch_size = 8
+  config.update(model=model, model_widths=widths, batch_size=batch_size, warmup_epochs=0.0,
+                learning_rate=0.05, ema_decay=0.9)
   rs = np.random.RandomState(0)
   batches = [{'image': rs.randn(batch_size, 32, 32, 3).astype(np.float32),
               'label': rs.randint(0, 10, batch_size).astype(np.int32)} for _ in range(3)]

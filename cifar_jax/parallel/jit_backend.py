@@ -41,7 +41,7 @@ class JitBackend(Backend):
       return jax.tree.map(lambda _: self.sharded, state)
     if self.sharding == 'replicated':
       return self.replicated
-    return sharding_lib.state_shardings(state, self.sharding, self.mesh)
+    return sharding_lib.state_shardings(state, self.sharding, self.mesh, self.fsdp_min_size)
 
   def put_carry(self, tree):
     if self.member_axis is None:

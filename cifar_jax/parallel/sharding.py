@@ -44,14 +44,16 @@ def logical_rules(sharding: str) -> tuple[tuple[str, str | None], ...]:
   return tuple((name, tensor.get(name)) for name in LOGICAL_AXES)
 
 
-def leaf_spec(shape: tuple[int, ...], named: tuple, sharding: str, data: int, model: int) -> P:
-  """The PartitionSpec of one leaf of `shape`, given its tensor-rule spec `named`."""
+def leaf_spec(shape: tuple[int, ...], named: tuple, sharding: str, data: int, model: int,
+              fsdp_min_size: int = FSDP_MIN_SIZE) -> P:
+  """The PartitionSpec of one leaf of `shape`, given its tensor-rule spec `named`.
+  `fsdp_min_size`: the smallest leaf fsdp splits (tests make tiny models' leaves split)."""
   spec = list(named) + [None] * (len(shape) - len(named))
   # A dimension the model axis does not divide stays whole.
   spec = [a if a is None or shape[d] % model == 0 else None for d, a in enumerate(spec)]
   if model == 1:
     spec = [None] * len(shape)
-  if sharding in ('fsdp', 'fsdp_tensor') and data > 1 and math.prod(shape) >= FSDP_MIN_SIZE:
+  if sharding in ('fsdp', 'fsdp_tensor') and data > 1 and math.prod(shape) >= fsdp_min_size:
     # The largest dimension not sharded yet that 'data' divides (the first of equals).
     for d in sorted(range(len(shape)), key=lambda d: -shape[d]):
       if spec[d] is None and shape[d] % data == 0:
@@ -62,7 +64,8 @@ def leaf_spec(shape: tuple[int, ...], named: tuple, sharding: str, data: int, mo
   return P(*spec)
 
 
-def state_shardings(state, sharding: str, mesh: jax.sharding.Mesh):
+def state_shardings(state, sharding: str, mesh: jax.sharding.Mesh,
+                    fsdp_min_size: int = FSDP_MIN_SIZE):
   """A tree like `state` (arrays or ShapeDtypeStructs) of NamedShardings for `sharding`."""
   if sharding not in SHARDINGS:
     raise ValueError(f'unknown sharding {sharding!r}; choose one of {SHARDINGS}')
@@ -82,7 +85,8 @@ def state_shardings(state, sharding: str, mesh: jax.sharding.Mesh):
   if len(named) != len(leaves):
     raise AssertionError(f'{len(named)} specs for {len(leaves)} leaves')
   return jax.tree.unflatten(treedef, [
-      NamedSharding(mesh, leaf_spec(tuple(x.shape), tuple(spec), sharding, data, model))
+      NamedSharding(mesh, leaf_spec(tuple(x.shape), tuple(spec), sharding, data, model,
+                                  fsdp_min_size))
       for x, spec in zip(leaves, named)])
 
 
