@@ -20,6 +20,48 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import helpers  # pylint: disable=wrong-import-position
 
+# The persistent compilation cache the test subprocesses share (helpers.subprocess_env), in
+# this process too: jit caches by function object, and every train state, step and backend a
+# test builds is a new closure, so without it each test compiles again what an earlier one
+# (or a subprocess) compiled. The in-process runs' configs name the same directory
+# (helpers.small_config), so a run's `compilation_cache.configure` keeps it on.
+jax.config.update('jax_enable_compilation_cache', True)
+jax.config.update('jax_compilation_cache_dir', helpers.JAX_CACHE)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+# Fixtures that are cheap to have twice: not worth binding their tests to one worker.
+_CHEAP_SHARED_FIXTURES = {'gcs_server'}
+
+
+def pytest_collection_modifyitems(items):
+  """Under pytest-xdist (`--dist loadgroup`, pyproject.toml), the tests that share an
+  expensive fixture (a reference run, a trained run, the export bundles) form one group
+  and run on one worker, so that the fixture is computed once, not once per worker. Those
+  fixtures are session-scoped: a worker interleaves modules, and a module-scoped fixture
+  would be torn down and computed again each time its module came back."""
+  parent = {}  # Union-find: tests that share any such fixture are in one group.
+
+  def find(key):
+    while parent.setdefault(key, key) != key:
+      key = parent[key]
+    return key
+
+  uses = {}
+  for item in items:
+    info = getattr(item, '_fixtureinfo', None)
+    uses[item] = [f'{defs[-1].baseid}::{name}'
+                  for name, defs in (info.name2fixturedefs.items() if info else ())
+                  if defs and defs[-1].baseid  # (Not pytest's own, e.g. tmp_path_factory.)
+                  and defs[-1].scope in ('module', 'session')
+                  and name not in _CHEAP_SHARED_FIXTURES]
+    for key in uses[item][1:]:
+      parent[find(key)] = find(uses[item][0])
+  for item, keys in uses.items():
+    if keys:
+      item.add_marker(pytest.mark.xdist_group(find(keys[0])))
+
 
 @pytest.fixture
 def small_config():

@@ -18,7 +18,8 @@ def small_config(**overrides):
   config = default.get_config()
   config.update(model='fast_cnn', data_source='synthetic', num_synthetic_examples=256,
                 batch_size=32, eval_batch_size=48, num_train_steps=4, warmup_epochs=0.0,
-                learning_rate=0.2, ema_decay=0.9, label_smoothing=0.1)
+                learning_rate=0.2, ema_decay=0.9, label_smoothing=0.1,
+                compilation_cache_dir=JAX_CACHE)  # As conftest sets it for this process.
   config.update(**overrides)
   return config
 

@@ -19,7 +19,7 @@ def _run(backend, config, batches):
   return jax.device_get(backend.get_state(state)), backend.to_host(metrics), sums
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # Once per worker: see conftest's xdist groups.
 def results():
   config = small_config(num_train_steps=3, learning_rate=0.4, label_smoothing=0.0)
   rs = np.random.RandomState(0)

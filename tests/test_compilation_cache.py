@@ -28,6 +28,7 @@ def test_a_directory_turns_it_on_and_a_compile_is_written_there(tmp_path, monkey
   monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  cc.reset_cache()  # (conftest turned the tests' cache on; main.py configures it first.)
   directory = compilation_cache.configure(str(tmp_path / 'cache'))
   assert directory == str(tmp_path / 'cache') and jax.config.jax_enable_compilation_cache
   assert jax.config.jax_compilation_cache_dir == directory

@@ -11,7 +11,7 @@ from cifar_jax.data.cifar import MEAN_STD
 N = 96  # Examples; 12 steps per epoch at batch 8, 3 at batch 32.
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # Once per worker: see conftest's xdist groups.
 def feed():
   # Pixel (r, c) of example i is (i, r + 1, c + 1): a crop, flip or cutout can be read back,
   # and raw 0 in channel 1 means padding.

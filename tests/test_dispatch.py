@@ -21,7 +21,7 @@ def test_schedule_never_crosses_a_boundary(start, total, k, intervals, want):
   assert dispatch.schedule(start, total, k, intervals) == want
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # Once per worker: see conftest's xdist groups.
 def setup():
   config = small_config(batch_size=8, num_train_steps=16, learning_rate=0.4, cutout=8,
                         label_smoothing=0.0)

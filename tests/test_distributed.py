@@ -94,7 +94,7 @@ def assert_close_runs(workdir, reference):
   assert got['eval_loss'] == pytest.approx(want['eval_loss'], rel=3e-3)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # Once per worker: see conftest's xdist groups.
 def reference(tmp_path_factory):
   """1 process x 8 devices."""
   workdir = str(tmp_path_factory.mktemp('dist') / 'reference')

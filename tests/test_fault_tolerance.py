@@ -1,7 +1,7 @@
 """Interrupted runs end exactly where an uninterrupted run ends (subprocesses, CPU).
 
-Every scenario trains the same tiny config for 12 steps and is compared with one
-uninterrupted reference run: bit-identical params on the same topology, float
+Every scenario trains the same tiny config for 12 steps (the device pipeline; the host
+pipeline in the SIGTERM/SIGINT test) and is compared with one uninterrupted reference run: bit-identical params on the same topology, float
 tolerance after a change of device count or backend; and a metrics.jsonl that reads
 as the reference's (each record once, the same values). Local workdirs, and a gs://
 one on fake-gcs-server (conftest's `gcs`).
@@ -31,8 +31,11 @@ ARGS = ['--config=configs/default.py', '--config.lr_schedule=onecycle', '--confi
         '--config.num_synthetic_examples=512', '--config.batch_size=64',
         '--config.eval_batch_size=64', '--config.ema_decay=0.9', f'--config.num_train_steps={STEPS}',
         '--config.log_every_steps=1', '--config.eval_every_steps=6',
-        '--config.checkpoint_every_steps=4', '--config.input_pipeline=host',
+        '--config.checkpoint_every_steps=4', '--config.input_pipeline=device',
         '--config.report=False', CACHE_FLAG]  # (Plots: test_report.)
+# The host pipeline (tf.data: each launch imports TensorFlow, ~10 s of CPU) in the one test
+# whose subject it is; every other scenario is about the run, not where batches come from.
+HOST = ['--config.input_pipeline=host']
 
 
 _env = subprocess_env
@@ -93,7 +96,7 @@ def assert_same(a, b, exact=True):
       np.testing.assert_allclose(a[k], b[k], rtol=2e-3, atol=2e-4, err_msg=k)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # Once per worker: see conftest's xdist groups.
 def reference(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('ft') / 'reference')
   result = run(workdir)
@@ -101,24 +104,34 @@ def reference(tmp_path_factory):
   return workdir
 
 
-@pytest.mark.tensorflow  # the host pipeline or the tfds source
-def test_sigterm_and_sigint_then_resume_is_bit_identical(reference, tmp_path):
+@pytest.fixture(scope='session')  # Once per worker: see conftest's xdist groups.
+def host_reference(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('ft') / 'host_reference')
+  result = run(workdir, *HOST)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+@pytest.mark.tensorflow  # the host pipeline
+def test_sigterm_and_sigint_then_resume_is_bit_identical(host_reference, tmp_path):
+  """With the host pipeline: tf.data's batches resume exactly too (the device pipeline's:
+  every other test here)."""
+  reference = host_reference
   workdir = str(tmp_path / 'w')
   # Two interruptions at different steps, between the periodic checkpoints (4, 8, 12).
   for step, sig in ((3, signal.SIGTERM), (6, signal.SIGINT)):
-    proc = start(workdir)
+    proc = start(workdir, *HOST)
     assert interrupt_after(proc, workdir, step, sig) == 0
     with open(workdir + '.log', encoding='utf-8') as f:
       assert f'{sig.name} received: stopped after step' in f.read()
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')))
   assert any(s not in (4, 8, 12) for s in steps)  # The signals' own checkpoints.
-  result = run(workdir)
+  result = run(workdir, *HOST)
   assert result.returncode == 0, result.stderr[-3000:]
   assert_same(arrays(workdir), arrays(reference))
   assert_logged_as_uninterrupted(records(workdir), records(reference))
 
 
-@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_kill_9_during_a_save_resumes_from_the_last_complete_checkpoint(reference, tmp_path):
   workdir = str(tmp_path / 'w')
   result = run(workdir, fault='kill_in_save@8')
@@ -133,7 +146,6 @@ def test_kill_9_during_a_save_resumes_from_the_last_complete_checkpoint(referenc
   assert_logged_as_uninterrupted(records(workdir), records(reference))
 
 
-@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_truncated_checkpoint_is_skipped_with_a_warning_and_left_untouched(reference, tmp_path):
   workdir = str(tmp_path / 'w')
   shutil.copytree(reference, workdir)
@@ -159,7 +171,6 @@ def test_truncated_checkpoint_is_skipped_with_a_warning_and_left_untouched(refer
   assert got['eval_accuracy'] == ref['eval_accuracy'] and got['eval_loss'] == ref['eval_loss']
 
 
-@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_no_intact_checkpoint_is_one_error_line(reference, tmp_path):
   workdir = str(tmp_path / 'w')
   shutil.copytree(reference, workdir)
@@ -174,7 +185,6 @@ def test_no_intact_checkpoint_is_one_error_line(reference, tmp_path):
   assert 'Traceback' not in result.stderr
 
 
-@pytest.mark.tensorflow  # the host pipeline or the tfds source
 @pytest.mark.parametrize('devices, backend', [(1, 'shard_map'), (4, 'pmap')])
 def test_resume_on_another_topology_and_backend(reference, tmp_path, devices, backend):
   workdir = str(tmp_path / 'w')
@@ -186,12 +196,13 @@ def test_resume_on_another_topology_and_backend(reference, tmp_path, devices, ba
   assert_same(arrays(workdir), arrays(reference), exact=False)
 
 
-@pytest.mark.tensorflow  # the host pipeline or the tfds source
 @pytest.mark.xfail(
-    tuple(int(v) for v in jax.__version__.split('.')[:2]) >= (0, 12), strict=True,
+    tuple(int(v) for v in jax.__version__.split('.')[:2]) >= (0, 12), strict=False,
     reason='open: with jax 0.12.0.1 the fsdp_tensor (4, 2) resume ends 1-3% (norm of the '
     'change since step 4; momentum traces) away from the replicated run, where jax 0.10.2 '
-    'agreed to rtol 2e-3; the step-level fsdp_tensor test agrees to 8e-6')
+    'agreed to rtol 2e-3; the step-level fsdp_tensor test agrees to 8e-6. Not strict: '
+    'whether it agrees depends on the CPU and the pipeline (2026-12-07, an AVX-512 AMD EPYC: '
+    'agrees with the host pipeline, not with the device pipeline)')
 def test_replicated_run_resumes_sharded_on_a_2d_mesh_then_on_4_devices(reference, tmp_path):
   # reference: replicated on (8, 1) from step 0 to 12. Here: its checkpoint 4, resumed as
   # fsdp_tensor on a (4, 2) mesh to 12, its checkpoint 8 then resumed on 4 devices as
@@ -217,7 +228,6 @@ def test_replicated_run_resumes_sharded_on_a_2d_mesh_then_on_4_devices(reference
   assert_same(arrays(workdir), arrays(reference), exact=False)
 
 
-@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_trajectory_config_change_is_refused_and_safe_ones_allowed(reference, tmp_path):
   workdir = str(tmp_path / 'w')
   shutil.copytree(reference, workdir)
@@ -231,7 +241,6 @@ def test_trajectory_config_change_is_refused_and_safe_ones_allowed(reference, tm
   assert 'Resuming with changed config fields: log_every_steps, num_train_steps' in result.stderr
 
 
-@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_nan_stops_with_an_error_and_keeps_the_last_good_checkpoint(reference, tmp_path):
   workdir = str(tmp_path / 'w')
   result = run(workdir, fault='nan@6')
@@ -244,7 +253,6 @@ def test_nan_stops_with_an_error_and_keeps_the_last_good_checkpoint(reference, t
   assert_same(arrays(workdir, 4), arrays(reference, 4))
 
 
-@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_eval_mode_reports_the_checkpoint_and_changes_nothing(reference):
   before = {os.path.join(r, f): os.stat(os.path.join(r, f)).st_mtime_ns
             for r, _, fs in os.walk(reference) for f in fs}
@@ -259,7 +267,6 @@ def test_eval_mode_reports_the_checkpoint_and_changes_nothing(reference):
   assert before == after
 
 
-@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_best_checkpoint_is_kept_apart(reference):
   best = [int(d) for d in os.listdir(os.path.join(reference, 'best_checkpoint')) if d.isdigit()]
   evals = {r['step']: r['eval_accuracy'] for r in records(reference) if 'eval_accuracy' in r}
@@ -275,7 +282,6 @@ def _objects(prefix: str) -> dict:
           fs.find(prefix, detail=True).items()}
 
 
-@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_gs_workdir_killed_preempted_resumed_and_evaluated(reference, gcs):
   """The whole life of a run in a bucket: SIGKILL while saving step 8, resume, SIGTERM
   at step 10, resume to the end, --mode=eval; it ends exactly where the local
@@ -316,7 +322,6 @@ def test_gs_workdir_killed_preempted_resumed_and_evaluated(reference, gcs):
   assert _objects(workdir) == names  # Eval changes nothing.
 
 
-@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_second_ctrl_c_exits_at_once(tmp_path):
   workdir = str(tmp_path / 'w')
   proc = start(workdir)
@@ -344,7 +349,7 @@ DEVICE_ARGS = ['--config.input_pipeline=device', '--config.steps_per_dispatch=8'
 DEVICE_COUNT = 2
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # Once per worker: see conftest's xdist groups.
 def device_reference(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('ft') / 'device_reference')
   result = run(workdir, *DEVICE_ARGS, devices=DEVICE_COUNT)
@@ -426,7 +431,6 @@ def test_airbench_config_trains_and_resumes_bit_identical_with_its_whitening(tmp
 
 
 # --- faults of the machine: the disk fills, a second run, a run that is gone -------------
-@pytest.mark.tensorflow  # the host pipeline or the tfds source
 @pytest.mark.skipif(not namespace_mounts_work(), reason='needs `unshare -rm` to mount a tmpfs')
 @pytest.mark.parametrize('fault', [None, 'blind_to_space@0'], ids=['checked', 'in_orbax'])
 def test_disk_full_at_a_save_is_one_error_line_and_the_same_command_resumes(
@@ -466,7 +470,6 @@ def _stopped(pid: int) -> bool:
     return f.read().rsplit(')', 1)[1].split()[0] == 'T'
 
 
-@pytest.mark.tensorflow  # the host pipeline or the tfds source
 def test_second_run_on_a_live_workdir_is_refused_and_a_killed_runs_lease_taken_over(
     reference, tmp_path):
   workdir = str(tmp_path / 'w')

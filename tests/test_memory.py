@@ -68,7 +68,7 @@ def test_a_population_that_fits_and_a_solo_run_are_not_stopped(monkeypatch):
 
 
 # --- compiled for real ------------------------------------------------------------------------
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # Once per worker: see conftest's xdist groups.
 def peaks():
   """Per-device peak bytes of a population of 1, 2 and 3 (a solo run at 1)."""
   config = _config(population=3)

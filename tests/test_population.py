@@ -11,7 +11,7 @@ from cifar_jax.data import device_pipeline
 N = 3
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # Once per worker: see conftest's xdist groups.
 def setup():
   config = small_config(seed=5, flip='alternating', cutout=8)
   rs = np.random.RandomState(0)

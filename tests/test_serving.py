@@ -110,7 +110,23 @@ def test_every_model_class_is_exported():
   assert {models.model_class(m) for m in EXPORTED} == {models.model_class(m) for m in models.MODELS}
 
 
-@pytest.fixture(scope='module')
+def _with_values(abstract):
+  """`abstract` (a train state of ShapeDtypeStructs) with values: each weight matrix or
+  kernel N(0, 1/fan_in), norm scales 1, everything else 0 (the noise comes after)."""
+  rs = np.random.RandomState(0)
+
+  def value(path, x):
+    name = jax.tree_util.keystr(path)
+    if 'scale' in name or name.endswith("['var']['value']"):
+      return np.ones(x.shape, x.dtype)
+    if len(x.shape) >= 2 and 'params' in name:
+      fan_in = int(np.prod(x.shape[:-1]))
+      return (rs.standard_normal(x.shape) / np.sqrt(fan_in)).astype(x.dtype)
+    return np.zeros(x.shape, x.dtype)
+  return jax.tree_util.tree_map_with_path(value, abstract)
+
+
+@pytest.fixture(scope='session')  # Once per worker: see conftest's xdist groups.
 def bundles(tmp_path_factory):
   from configs import default
   root = tmp_path_factory.mktemp('bundles')
@@ -118,10 +134,12 @@ def bundles(tmp_path_factory):
   for name in EXPORTED:
     config = default.get_config()
     config.update(model=name, ema_decay=0.0)
-    state = create_train_state(config, jax.random.key(0), 256,
-                               train_images=images if name == 'airbench' else None)
-    # Weights off their init (the ViT head starts at zero) and BatchNorm statistics of real
-    # data (one train-mode pass with momentum 0), as a trained model has.
+    # The state's structure only (an XLA:CPU compile of a model's random init takes up to
+    # 12 s); its values are drawn here: weights of a trained model's scale, off any init
+    # (the ViT head starts at zero), and BatchNorm statistics of real data (one train-mode
+    # pass with momentum 0).
+    state = _with_values(jax.eval_shape(lambda c=config: create_train_state(c, jax.random.key(0),
+                                                                           256)))
     rs = np.random.RandomState(1)
     params = jax.tree.map(lambda p: p + 0.05 * rs.standard_normal(np.shape(p)).astype(np.float32),
                           state.params)

@@ -12,7 +12,7 @@ import pytest
 from cifar_jax import train, workdir as workdir_lib
 from cifar_jax.errors import UserError
 from configs import default
-from helpers import checkpoint_arrays, metrics_records
+from helpers import JAX_CACHE, checkpoint_arrays, metrics_records
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'run_a20895f')
 
@@ -68,7 +68,7 @@ def test_an_old_checkpoint_restores_bit_identically(old_run):
 @pytest.mark.e2e  # Compiles and trains whole models: the slow tier.
 def test_an_old_run_evaluates_as_it_did_and_resumes(old_run):
   config = workdir_lib.read_config(old_run)
-  config.compilation_cache_dir = ''
+  config.compilation_cache_dir = JAX_CACHE  # This process's (conftest).
   recorded = [r for r in metrics_records(old_run) if 'eval_loss' in r][-1]
   metrics = train.evaluate_checkpoint(config, old_run)
   assert metrics['checkpoint_step'] == 4 and metrics['eval_count'] == recorded['eval_count']
