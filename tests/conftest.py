@@ -35,6 +35,7 @@ jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 _CHEAP_SHARED_FIXTURES = {'gcs_server'}
 
 
+@pytest.hookimpl(tryfirst=True)  # Before xdist's own, which reads the groups.
 def pytest_collection_modifyitems(items):
   """Under pytest-xdist (`--dist loadgroup`, pyproject.toml), the tests that share an
   expensive fixture (a reference run, a trained run, the export bundles) form one group
