@@ -27,11 +27,15 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and config.json.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'export', 'report'],
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'export', 'report', 'compile'],
                   'train (resumes from the latest checkpoint); eval: evaluate the latest '
                   '(or --config.checkpoint_step) checkpoint without changing the workdir; '
                   'predict: top-5 labels of --inputs; export: a serving bundle in '
-                  '--export_dir; report: the plots of the run in WORKDIR/report.png.')
+                  '--export_dir; report: the plots of the run in WORKDIR/report.png; '
+                  'compile: compile the run for --topology with the TPU compiler and write '
+                  'WORKDIR/compile.json (memory per chip, FLOPs, a step-time estimate).')
+flags.DEFINE_string('topology', None, 'compile: the TPU slice to compile for, GENERATION:SHAPE, '
+                    'e.g. v5e:2x4, v5e:4x4 (2 hosts), v4:2x2x2, v5p:2x2x2, v6e:2x4.')
 flags.DEFINE_list('inputs', [], 'predict: image files, folders and globs (PNG/JPEG, any size).')
 flags.DEFINE_string('output', None, 'predict: write a CSV here instead of JSON lines on stdout.')
 flags.DEFINE_string('checkpoint', 'best', 'predict/export: best, latest or a step number.')
@@ -159,10 +163,19 @@ def main(argv):
       raise UserError(f'--mode={FLAGS.mode} needs --config, e.g. --config=configs/gpu.py')
     else:
       logging.info('Config:\n%s', FLAGS.config)
-      warning = config_checks.platform_warning(FLAGS.config, jax.default_backend())
+      warning = (None if FLAGS.mode == 'compile' else
+                 config_checks.platform_warning(FLAGS.config, jax.default_backend()))
       if warning:
         print(f'warning: {warning}', file=sys.stderr, flush=True)
-      if FLAGS.mode == 'eval':
+      if FLAGS.mode == 'compile':
+        from cifar_jax import aot, layout_search  # pylint: disable=import-outside-toplevel
+        if not FLAGS.topology:
+          raise UserError('--mode=compile needs --topology, e.g. --topology=v5e:2x4')
+        compiled = aot.compile_run(FLAGS.config, FLAGS.topology, FLAGS.workdir,
+                                   choose=layout_search.choose)
+        print(aot.table(compiled))
+        result = aot.summary(compiled)
+      elif FLAGS.mode == 'eval':
         result = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.member)
       else:
         result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change,

@@ -43,15 +43,19 @@ def _positive(config, field, allow_zero=False):
     raise UserError(f'config.{field}={value!r} must be a number {bound}; set --config.{field}')
 
 
-def validate(config, num_devices: int, process_count: int = 1) -> None:
-  """Raises UserError for the first problem in `config` for `num_devices` devices."""
+def validate(config, num_devices: int, process_count: int = 1, data: bool = True) -> None:
+  """Raises UserError for the first problem in `config` for `num_devices` devices.
+  `data=False` (`--mode=compile`, which reads no data): not whether the data and the
+  libraries that read it are here."""
   _check_choices(config)
   _check_numbers(config)
-  _check_processes_and_tensorflow(config, process_count)
+  if data:
+    _check_processes_and_tensorflow(config, process_count)
   profile_window(config)  # Raises UserError on a malformed window.
   _check_batch(config, num_devices, process_count)
   _check_population(config, num_devices)
-  _check_data(config)
+  if data:
+    _check_data(config)
 
 
 def _check_choices(config) -> None:
@@ -68,7 +72,7 @@ def _check_choices(config) -> None:
   _choice(config, 'crop_pad_mode', PAD_MODES)
   _choice(config, 'flip', FLIPS)
   _choice(config, 'tta', TTA_LEVELS)
-  _choice(config, 'sharding', parallel.SHARDINGS)
+  _choice(config, 'sharding', parallel.SHARDINGS + ('auto',))
   _choice(config, 'remat', REMATS)
   _choice(config, 'platform', PLATFORMS)
   if config.remat == 'block' and not models.has_blocks(config.model):

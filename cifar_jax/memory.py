@@ -76,7 +76,7 @@ def peak_bytes(config, backend, state, feed, n: int) -> int | None:
     abstract = _abstract(state, n, 0, small.state_layout(abstract))
   if config.input_pipeline == 'host':  # Blocks [k, B, N, ...] (pmap: [D, k, b, N, ...]).
     feed = _abstract(feed, n, 3 if pmap else 2)
-  carry = small.put_carry(dispatch.new_carry(n))
+  carry = small.put_carry(dispatch.new_carry(n)) if pmap else small.abstract_carry(n)
   return small.train_peak_bytes(config.input_pipeline, config, abstract, carry, feed)
 
 

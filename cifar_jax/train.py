@@ -408,6 +408,18 @@ def _warn_if_short_of_space(workdir: str, config, checkpoint_bytes: int) -> None
     print(f'warning: {message}', file=sys.stderr, flush=True)
 
 
+def resolve_auto_sharding(config):
+  """`config` with sharding=auto replaced by the layout `layout_search` picks for the
+  devices present (compiled, not run; validated first, so a mistake is reported before
+  any compile); any other config as it is."""
+  if config.sharding != 'auto':
+    return config
+  from cifar_jax import chips, layout_search  # pylint: disable=import-outside-toplevel
+  config_checks.validate(config, jax.device_count(), jax.process_count())
+  devices = jax.devices()
+  return layout_search.choose(config, devices, chips.by_device_kind(devices[0].device_kind)).config
+
+
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
                        hooks: loop.Hooks | None = None,
                        lease_timeout_s: float = lease_lib.DEFAULT_TIMEOUT_S) -> dict:
@@ -419,7 +431,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
   is `lease_timeout_s` old is taken over). Raises ResourceError when the storage
   fails the run (no space, no permission, a workdir in use).
   """
-  held = _hold_workdir(config, workdir, allow_config_change, lease_timeout_s)  # Before any compile.
+  config = resolve_auto_sharding(config)
+  held = _hold_workdir(config, workdir, allow_config_change, lease_timeout_s)
   try:
     return _train(config, workdir, hooks or loop.Hooks(), held)
   finally:
@@ -533,6 +546,7 @@ def evaluate_checkpoint(config, workdir: str, member: str = '') -> dict:
   """Evaluates a checkpoint of `workdir` on the full test split; writes nothing there. A
   population's: every member and the ensemble, or (`member`) member i's or the
   ensemble's metrics alone, under the solo names."""
+  config = resolve_auto_sharding(config)
   config_checks.validate(config, jax.device_count(), jax.process_count())
   which = workdir_lib.parse_member(member, int(config.population))
   directory = checkpointing.checkpoints_dir(workdir)

@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   # --- parallelism ---
   config.parallelism = 'jit'         # pmap | shard_map | jit (with NamedSharding).
   config.mesh_shape = (-1, 1)        # (data, model) device mesh of parallelism=jit; -1 = all the rest, e.g. (4, 2).
-  config.sharding = 'replicated'     # replicated | fsdp | tensor | fsdp_tensor: the train state's layout (jit only; see docs/large_models.md).
+  config.sharding = 'replicated'     # replicated | fsdp | tensor | fsdp_tensor | auto (the fastest that fits, from compiled programs: layout_search.py): the train state's layout (jit only; see docs/large_models.md).
   config.remat = 'none'              # none | block (recompute each block's activations in the backward pass: less memory, same numbers).
   config.micro_batches = 1           # Gradient accumulation inside the step: batch_size is split into this many micro-batches.
   config.steps_per_dispatch = 1      # Train steps per compiled call (same results for any value).

@@ -2,7 +2,11 @@
 import os
 import sys
 
-import jax
+# On the CPU even where libtpu is installed (tests/test_aot.py compiles for TPUs with it,
+# which needs no TPU backend): JAX would otherwise try to start a TPU first.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # pylint: disable=wrong-import-position
 
 jax.config.update('jax_num_cpu_devices', 8)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

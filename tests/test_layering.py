@@ -12,12 +12,14 @@ PACKAGE = os.path.join(ROOT, 'cifar_jax')
 LAYERS = {
     'cifar_jax.errors': -1,
     'cifar_jax.runtime': 0,
+    'cifar_jax.chips': 0,
     'cifar_jax.data.cifar': 1,
     'cifar_jax.data': 2,
     'cifar_jax.models': 2,
     'cifar_jax.optimizers': 3,
     'cifar_jax.serving.model': 3,
     'cifar_jax.step': 4,
+    'cifar_jax.flops': 4.2,
     'cifar_jax.population': 4.5,  # Below dispatch, which runs populations.
     'cifar_jax.dispatch': 5,
     'cifar_jax.parallel': 6,
@@ -28,6 +30,8 @@ LAYERS = {
     'cifar_jax.memory': 7,
     'cifar_jax.report': 8,
     'cifar_jax.workdir': 8,
+    'cifar_jax.aot': 8.5,  # Compiles a run's programs for a topology.
+    'cifar_jax.layout_search': 8.6,  # sharding=auto, through aot's compiles.
     'cifar_jax.train': 9,
     'cifar_jax.serving': 10,
 }

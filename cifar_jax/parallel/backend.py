@@ -120,6 +120,12 @@ class Backend:
     """The loop's carry (`dispatch.new_carry`) in the layout the dispatch takes it in."""
     return self.put_state(tree)
 
+  def abstract_carry(self, members: int = 1):
+    """`put_carry(dispatch.new_carry(members))` as ShapeDtypeStructs (global arrays)."""
+    sharding = self.sharded if self.member_axis is not None else self.replicated
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        dispatch.new_carry(members))
+
   def put_batch(self, batch: dict) -> dict:
     """This process's slice of a global batch (host numpy) -> device arrays, async."""
     return {k: jax.make_array_from_process_local_data(self.sharded, v) for k, v in batch.items()}
@@ -237,14 +243,28 @@ class Backend:
     return self.compile(fn, (Kind.STATE, Kind.REPLICATED, feed_kind, Kind.SCALAR, Kind.SCALAR),
                         (Kind.STATE, Kind.REPLICATED), layout, donate=(0, 1))
 
+  def abstract_scalar(self) -> jax.ShapeDtypeStruct:
+    """An int32 scalar argument (`put_scalar`) as a shape, for lowering without devices."""
+    return jax.ShapeDtypeStruct((), np.int32, sharding=self.replicated)
+
+  def lower_train(self, pipeline: str, config, state, carry, feed):
+    """The train dispatch lowered (`jax.stages.Lowered`) for arguments shaped like these:
+    arrays, or ShapeDtypeStructs with shardings on this backend's mesh (`--mode=compile`
+    lowers for devices that are not here)."""
+    jitted = self._train_jitted(pipeline, config, self.state_layout(state))
+    scalar = self.abstract_scalar()
+    return jitted.lower(state, carry, feed, scalar, scalar)
+
+  def lower_eval(self, config, tta: int, state, feed):
+    """The whole-split eval of the device pipeline (`eval_dispatch`) lowered for these."""
+    return self._eval_jitted(config, tta, self.state_layout(state)).lower(state, feed)
+
   def train_peak_bytes(self, pipeline: str, config, state, carry, feed) -> int | None:
     """Per-device peak bytes of the train dispatch on arguments shaped like these (arrays
     or ShapeDtypeStructs), from XLA's memory analysis of it compiled, not run; None where
     the platform does not report it."""
-    jitted = self._train_jitted(pipeline, config, self.state_layout(state))
-    scalar = self.put_scalar(0)
-    executable = jitted.lower(state, carry, feed, scalar, scalar).compile()
-    return _memory_stats(executable).get('peak_bytes_per_device')
+    executable = self.lower_train(pipeline, config, state, carry, feed).compile()
+    return memory_stats(executable).get('peak_bytes_per_device')
 
   def _build_train_dispatch(self, pipeline: str, config, layout):
     loop = self.loop_dispatch
@@ -256,7 +276,7 @@ class Backend:
       # statistics before anything runs.
       if not executable:
         executable.append(jitted.lower(*args).compile())
-        self.memory = _memory_stats(executable[0])
+        self.memory = memory_stats(executable[0])
         self.train_executable = executable[0]  # (Its HLO: tests, benchmarks.)
       return executable[0]
 
@@ -295,18 +315,23 @@ class Backend:
     """Compiled `(state, test_data) -> sums` over the whole device-resident test split,
     with test-time augmentation level `tta`."""
     layout = self.replicated if layout is None else layout
+    key = ('eval', self.eval_batch_size(config.eval_batch_size), config.dataset, tta,
+           layout_key(layout))
+
+    def build():
+      compiled = self._eval_jitted(config, tta, layout)
+      return lambda state, feed: compiled(state, feed)[0]
+    return self._cached(key, build)
+
+  def _eval_jitted(self, config, tta: int, layout):
     batch_size = self.eval_batch_size(config.eval_batch_size)
     dataset = config.dataset
 
-    def build():
-      def fn(state, feed, axis_name, constrain=None):
-        return (dispatch.eval_all(state, feed, batch_size=batch_size, dataset=dataset,
-                                  axis_name=axis_name, constrain=constrain, tta=tta,
-                                  members=self.members, member_axis=self.member_axis),)
-
-      compiled = self.compile(fn, (Kind.STATE, Kind.DATA), (Kind.SUMS,), layout)
-      return lambda state, feed: compiled(state, feed)[0]
-    return self._cached(('eval', batch_size, dataset, tta, layout_key(layout)), build)
+    def fn(state, feed, axis_name, constrain=None):
+      return (dispatch.eval_all(state, feed, batch_size=batch_size, dataset=dataset,
+                                axis_name=axis_name, constrain=constrain, tta=tta,
+                                members=self.members, member_axis=self.member_axis),)
+    return self.compile(fn, (Kind.STATE, Kind.DATA), (Kind.SUMS,), layout)
 
 
 def _floats(tree):
@@ -315,7 +340,7 @@ def _floats(tree):
   return float(tree) if np.ndim(tree) == 0 else np.asarray(tree)
 
 
-def _memory_stats(executable) -> dict:
+def memory_stats(executable) -> dict:
   """Per-device bytes of a compiled executable's temporaries (XLA's buffer assignment), or {}
   where the platform does not report them."""
   try:

@@ -54,6 +54,9 @@ class PmapBackend(Backend):
   def _scalar(self, x: np.ndarray):
     return x  # Broadcast by in_axes=None.
 
+  def abstract_scalar(self) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((), np.int32)
+
   def to_host(self, tree) -> dict:
     return super().to_host(jax.tree.map(lambda x: x[0], jax.device_get(tree)))
 
