@@ -140,6 +140,10 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_OnlyWarningsFromLibraries())
   sys.unraisablehook = _quiet_closed_event_loops
+  if FLAGS.mode == 'compile' and not os.environ.get('JAX_PLATFORMS'):
+    # A compile for --topology never runs on this machine's own devices: on a TPU VM its
+    # chips stay free for a training run beside it (and libtpu is shared: cifar_jax/aot.py).
+    jax.config.update('jax_platforms', 'cpu')
   # Before any JAX backend starts: XLA reads XLA_FLAGS once.
   logging.info('XLA:CPU convolutions: %s.', xla_cpu.use_fast_convolutions())
   try:

@@ -24,10 +24,12 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 
 import jax
 import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
 from absl import logging
 
 from cifar_jax import chips, config_checks, optimizers, parallel, population, step as step_lib
@@ -57,6 +59,17 @@ def parse_topology(text: str) -> tuple[str, tuple[int, ...]]:
   return generation, dims + (1,) * (3 - len(dims))
 
 
+def _share_libtpu_when_only_compiling():
+  """libtpu lets one process at a time load it (a lock file), to keep two from driving the
+  same chips. A process whose JAX platforms exclude the TPU only compiles and never opens a
+  chip, so it shares libtpu (libtpu's ALLOW_MULTIPLE_LIBTPU_LOAD, which JAX's own
+  multi-process tests set): a compile can run
+  beside a training process or another compile."""
+  platforms = jax.config.jax_platforms or os.environ.get('JAX_PLATFORMS', '')
+  if platforms and 'tpu' not in platforms.split(','):
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+
+
 def topology_devices(text: str) -> list:
   """The devices of TPU topology `text` ('v5e:2x4'), for compiling, not running; one
   `error:` line where libtpu is not installed."""
@@ -67,6 +80,7 @@ def topology_devices(text: str) -> list:
     raise UserError('--mode=compile needs the TPU compiler, libtpu, which is not installed: '
                     'pip install -e ".[tpu]" (it compiles for TPUs on any machine)') from None
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  _share_libtpu_when_only_compiling()
   bounds = tuple(min(b, d) for b, d in zip(HOST_BOUNDS[generation], dims))
   flat = generation in ('v5e', 'v6e')  # 2-D tori: their topologies are named AxB.
   name = f'{generation}:{"x".join(str(d) for d in (dims[:2] if flat else dims))}'
@@ -78,6 +92,9 @@ def topology_devices(text: str) -> list:
         topology_name=name, platform='tpu', chip_config_name=chip_config,
         chips_per_host_bounds=bounds, num_slices=1)
   except Exception as e:  # pylint: disable=broad-except  # libtpu's own wording.
+    if 'lockfile' in str(e):
+      raise UserError('another process holds libtpu (its /tmp/libtpu_lockfile): let it '
+                      'finish, or compile with JAX_PLATFORMS=cpu, which shares it') from None
     raise UserError(f'--topology={text}: libtpu cannot describe it '
                     f'({str(e).splitlines()[0][:200]}); use a documented shape, e.g. '
                     f'{_EXAMPLES[generation]}') from None
@@ -152,16 +169,19 @@ def _cost(executable) -> dict:
 
 
 @contextlib.contextmanager
-def _no_persistent_cache():
+def without_persistent_cache():
   """libtpu's topology compiler cannot load JAX's persistent cache entries (JAX warns
   "PjRtCompiler must be constructed with a Client" at every hit, then compiles anyway), so
-  these compiles neither read nor write it."""
+  these compiles neither read nor write it. JAX decides once per process whether it uses
+  the cache: `reset_cache` makes it decide again, on entry (off) and on exit (as before)."""
   enabled = jax.config.jax_enable_compilation_cache
   jax.config.update('jax_enable_compilation_cache', False)
+  compilation_cache.reset_cache()
   try:
     yield
   finally:
     jax.config.update('jax_enable_compilation_cache', enabled)
+    compilation_cache.reset_cache()
 
 
 def _program(lowered, chip: chips.Chip | None, num_chips: int, examples: int,
@@ -170,7 +190,7 @@ def _program(lowered, chip: chips.Chip | None, num_chips: int, examples: int,
   XLA's cost analysis counts a loop's body once (its trip count is a traced value here):
   `trips` is how many times the program runs it."""
   started = time.perf_counter()
-  with _no_persistent_cache():
+  with without_persistent_cache():
     executable = lowered.compile()
   seconds = time.perf_counter() - started
   memory = parallel.backend.memory_stats(executable)
@@ -275,9 +295,10 @@ def compile_run(config, topology: str, workdir: str, hbm_bytes: int | None = Non
   train = result['programs']['train']
   if int(config.population) > 1 and chip is not None and not train['fits']:
     from cifar_jax import memory  # pylint: disable=import-outside-toplevel
-    result['largest_population'] = memory.largest_population(
-        resolved, run.backend, run.state, run.train_feed, chip.hbm_bytes,
-        train['peak_bytes_per_chip'])
+    with without_persistent_cache():
+      result['largest_population'] = memory.largest_population(
+          resolved, run.backend, run.state, run.train_feed, chip.hbm_bytes,
+          train['peak_bytes_per_chip'])
   path = storage.path(workdir)
   path.mkdir(parents=True, exist_ok=True)
   (path / 'compile.json').write_text(json.dumps(result, indent=2, default=_json_default))
