@@ -215,6 +215,25 @@ def _program(lowered, chip: chips.Chip | None, num_chips: int, examples: int,
   return record
 
 
+def lower_for(platform: str, config, run: AbstractRun) -> dict:
+  """{'train': ..., 'eval': ...}: the StableHLO text of `run`'s programs lowered for
+  `platform` ('cuda', 'rocm', 'tpu') on any machine. For GPUs this is as far as a machine
+  without one gets: JAX has no compile-only GPU topology (`get_topology_desc(platform=
+  'cuda')` raises "topology not implemented for cuda" without the CUDA plugin), so memory
+  and cost need the GPU; lowering still proves every operation of the step has a lowering
+  for that platform, with no other platform's custom calls in it."""
+  backend = run.backend
+  jitted = backend._train_jitted(config.input_pipeline, config,  # pylint: disable=protected-access
+                                 backend.state_layout(run.state))
+  scalar = backend.abstract_scalar()
+  programs = {'train': jitted.trace(run.state, run.carry, run.train_feed, scalar, scalar)}
+  if run.test_feed is not None:
+    programs['eval'] = backend._eval_jitted(  # pylint: disable=protected-access
+        config, int(config.tta), backend.state_layout(run.state)).trace(run.state, run.test_feed)
+  return {name: traced.lower(lowering_platforms=(platform,)).as_text()
+          for name, traced in programs.items()}
+
+
 def compile_programs(config, run: AbstractRun, chip: chips.Chip | None,
                      with_eval: bool = True) -> dict:
   """{'train': ..., 'eval': ...}: the train dispatch (its loop body is one step: XLA's

@@ -61,6 +61,22 @@ def test_collective_bytes_are_read_from_the_compiled_hlo():
   assert chips.collective_bytes(hlo) == 2 * 16 * 9 * 32 * 4 + (64 + 64) * 2 + 4 * 4
 
 
+def test_the_gpu_configs_programs_lower_for_cuda_without_a_gpu():
+  """configs/gpu.py's train dispatch and eval lowered for CUDA on this CPU machine (no
+  CUDA compiler here: see aot.lower_for), with no custom call of another platform."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from configs import gpu  # pylint: disable=import-outside-toplevel
+  config = gpu.get_config()
+  config.update(steps_per_dispatch=4)
+  run = aot.abstract_run(config, jax.devices())
+  programs = aot.lower_for('cuda', config, run)
+  assert set(programs) == {'train', 'eval'}
+  for text in programs.values():
+    assert 'stablehlo.convolution' in text
+    assert 'call_target_name' not in text, text[:500]
+  assert 'stablehlo.while' in programs['train']  # The dispatch's steps are a device loop.
+
+
 # --- compiled by the TPU compiler ---------------------------------------------------------------
 @pytest.fixture(scope='session')
 def single_host(tmp_path_factory):
