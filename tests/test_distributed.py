@@ -104,32 +104,26 @@ def reference(tmp_path_factory):
 
 @pytest.mark.tensorflow  # the host pipeline or the tfds source
 @pytest.mark.e2e
-def test_two_processes_train_like_one_and_only_process_0_writes(reference, tmp_path):
-  workdir = str(tmp_path / 'w')
-  assert run_two(workdir, '--config.parallelism=jit') == [0, 0], log(workdir, 0)[-3000:]
-  for i in range(2):
-    assert f'process {i} of 2: 4 local / 8 global cpu devices' in log(workdir, i)
-  assert_close_runs(workdir, reference)
-  # Process 1 wrote no metrics, events or config: each step is logged exactly once.
-  assert [r['step'] for r in records(workdir) if 'train_loss' in r] == list(range(1, STEPS + 1))
-  assert len([f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]) == 1
-  assert os.path.exists(os.path.join(workdir, 'config.json'))
-
-
-@pytest.mark.tensorflow  # the host pipeline or the tfds source
-@pytest.mark.e2e
-def test_two_processes_with_fsdp_tensor_on_a_4x2_mesh_train_like_one_replicated(reference,
-                                                                                tmp_path):
-  # Each process holds two 'data' rows of the mesh, each row a 'model' pair of its own
-  # devices; the state is sharded over both axes and checkpointed from both processes.
+def test_two_processes_with_fsdp_tensor_on_a_4x2_mesh_train_like_one_and_only_process_0_writes(
+    reference, tmp_path):
+  """Each process holds two 'data' rows of the mesh, each row a 'model' pair of its own
+  devices; the state is sharded over both axes and checkpointed from both processes. (The
+  replicated 2-process run is the SIGTERM test's below, shard_map, against the same
+  reference; the population's 2 x 4 run is jit replicated.)"""
   workdir = str(tmp_path / 'w')
   sharded = ['--config.parallelism=jit', '--config.sharding=fsdp_tensor',
              '--config.mesh_shape=(4, 2)']
   assert run_two(workdir, *sharded) == [0, 0], log(workdir, 0)[-3000:] + log(workdir, 1)[-3000:]
+  for i in range(2):
+    assert f'process {i} of 2: 4 local / 8 global cpu devices' in log(workdir, i)
   assert_close_runs(workdir, reference)
   first = [r for r in records(workdir) if 'state_bytes_per_device' in r][0]
   assert first['state_bytes_per_device'] < [
       r for r in records(reference) if 'state_bytes_per_device' in r][0]['state_bytes_per_device'] / 2
+  # Process 1 wrote no metrics, events or config: each step is logged exactly once.
+  assert [r['step'] for r in records(workdir) if 'train_loss' in r] == list(range(1, STEPS + 1))
+  assert len([f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]) == 1
+  assert os.path.exists(os.path.join(workdir, 'config.json'))
 
 
 def interrupt_one_host(workdir, victim, sig, *extra, steps=STEPS):
