@@ -10,6 +10,11 @@ import jax  # pylint: disable=wrong-import-position
 
 jax.config.update('jax_num_cpu_devices', 8)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import helpers  # pylint: disable=wrong-import-position
+
+# Compiled at -O1 in this process too, before any backend starts (helpers.TEST_XLA_FLAGS).
+if helpers.TEST_XLA_FLAGS:
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {helpers.TEST_XLA_FLAGS}'.strip()
 # As main.py does, before any backend starts: XLA's own CPU convolutions. jaxlib 0.12's
 # YNNPACK ones are not only slower but shape-dependent: a tensor-parallel resnet18 step on
 # a (4, 2) mesh then differs from the replicated one by 3e-2 (relative), 8e-6 without them.
@@ -21,8 +26,6 @@ xla_cpu.use_fast_convolutions()
 os.environ.setdefault('EPATH_USE_TF', 'false')
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-import helpers  # pylint: disable=wrong-import-position
 
 # The persistent compilation cache the test subprocesses share (helpers.subprocess_env), in
 # this process too: jit caches by function object, and every train state, step and backend a
