@@ -25,14 +25,21 @@ def run_main(workdir, *overrides, timeout=300):
 
 @pytest.fixture(scope='session')  # Once per worker: see conftest's xdist groups.
 def first_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('run'))
-  result = run_main(workdir, *TINY, '--config.num_train_steps=6', '--config.parallelism=shard_map')
+  """configs/cpu.py's run, tiny, where TensorFlow cannot be imported, with a compilation
+  cache of its own (test_trains_without_tensorflow_and_writes_tensorboard_events)."""
+  root = tmp_path_factory.mktemp('run')
+  workdir, cache, env = str(root / 'w'), str(root / 'cache'), _without_tensorflow(root)
+  args = ['--config=configs/cpu.py', *[a for a in TINY if a != CACHE_FLAG],
+          '--config.num_train_steps=6', '--config.parallelism=shard_map',
+          f'--config.compilation_cache_dir={cache}']
+  result = subprocess.run([sys.executable, 'main.py', f'--workdir={workdir}', *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  return workdir, result
+  return workdir, args, env, root
 
 
 def test_run_leaves_metrics_events_config_and_checkpoint(first_run):
-  workdir, _ = first_run
+  workdir = first_run[0]
   files = os.listdir(workdir)
   assert 'config.json' in files and 'metrics.jsonl' in files
   assert any(f.startswith('events.out.tfevents') for f in files)
@@ -48,15 +55,41 @@ def test_run_leaves_metrics_events_config_and_checkpoint(first_run):
 
 
 def test_command_line_overrides_reach_config_json(first_run):
-  workdir, _ = first_run
+  workdir = first_run[0]
   with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
     config = json.load(f)
   assert config['batch_size'] == 64 and config['parallelism'] == 'shard_map'
   assert config['model'] == 'fast_cnn' and config['num_train_steps'] == 6
 
 
-def test_rerun_resumes_and_continues_the_step_count(first_run, tmp_path):
-  workdir, _ = first_run
+def test_trains_without_tensorflow_and_writes_tensorboard_events(first_run):
+  """The first run could not import TensorFlow (nor tensorflow_datasets)."""
+  workdir, args, env, root = first_run
+  records = metrics_records(workdir)
+  assert [r['step'] for r in records if 'train_loss' in r] == [2, 4, 6]
+  assert 'compile_seconds' in records[0]
+  assert os.listdir(root / 'cache'), 'the persistent compilation cache stayed empty'
+  # TensorBoard (without TensorFlow too) reads the events back.
+  from tensorboard.backend.event_processing import event_accumulator
+  events = event_accumulator.EventAccumulator(workdir)
+  events.Reload()
+  tags = events.Tags()['scalars']
+  assert {'train_loss', 'eval_accuracy', 'images_per_sec'} <= set(tags)
+  losses = [(e.step, e.value) for e in events.Scalars('train_loss')]
+  assert losses == [(r['step'], pytest.approx(r['train_loss'])) for r in records
+                    if 'train_loss' in r]
+  # The host pipeline needs TensorFlow: one error line that names the way out.
+  result = subprocess.run([sys.executable, 'main.py', f'--workdir={root / "host"}', *args,
+                           '--config.input_pipeline=host'], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+  errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+  assert 'input_pipeline=host needs TensorFlow' in errors[0]
+  assert '--config.input_pipeline=device' in errors[0]
+
+
+def test_rerun_resumes_and_continues_the_step_count(first_run):
+  workdir = first_run[0]
   result = run_main(workdir, *TINY, '--config.num_train_steps=10', '--config.parallelism=shard_map')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Resumed from' in result.stderr and 'at step 6' in result.stderr
@@ -116,38 +149,6 @@ def _without_tensorflow(tmp_path):
   env = subprocess_env()
   env['PYTHONPATH'] = os.pathsep.join([str(blocker), ROOT, env.get('PYTHONPATH', '')])
   return env
-
-
-def test_trains_without_tensorflow_and_writes_tensorboard_events(tmp_path):
-  workdir, cache = str(tmp_path / 'w'), str(tmp_path / 'cache')
-  env = _without_tensorflow(tmp_path)
-  cmd = [sys.executable, 'main.py', '--config=configs/cpu.py', f'--workdir={workdir}', *TINY,
-         '--config.num_train_steps=4', '--config.input_pipeline=device',
-         '--config.steps_per_dispatch=4', f'--config.compilation_cache_dir={cache}']
-  result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  records = metrics_records(workdir)
-  assert [r['step'] for r in records if 'train_loss' in r] == [2, 4]
-  assert [r['eval_count'] for r in records if 'eval_accuracy' in r] == [102]
-  assert 'compile_seconds' in records[0]
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4']
-  assert os.listdir(cache), 'the persistent compilation cache stayed empty'
-  # TensorBoard (without TensorFlow too) reads the events back.
-  from tensorboard.backend.event_processing import event_accumulator
-  events = event_accumulator.EventAccumulator(workdir)
-  events.Reload()
-  tags = events.Tags()['scalars']
-  assert {'train_loss', 'eval_accuracy', 'images_per_sec'} <= set(tags)
-  losses = [(e.step, e.value) for e in events.Scalars('train_loss')]
-  assert losses == [(r['step'], pytest.approx(r['train_loss'])) for r in records
-                    if 'train_loss' in r]
-  # The host pipeline needs TensorFlow: one error line that names the way out.
-  result = subprocess.run(cmd[:-3] + ['--config.input_pipeline=host'], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
-  errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
-  assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
-  assert 'input_pipeline=host needs TensorFlow' in errors[0]
-  assert '--config.input_pipeline=device' in errors[0]
 
 
 def test_a_gpu_config_on_a_cpu_says_so_in_one_warning_line(tmp_path):
