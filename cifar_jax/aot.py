@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 
 import jax
@@ -190,8 +191,14 @@ def _program(lowered, chip: chips.Chip | None, num_chips: int, examples: int,
   XLA's cost analysis counts a loop's body once (its trip count is a traced value here):
   `trips` is how many times the program runs it."""
   started = time.perf_counter()
-  with without_persistent_cache():
-    executable = lowered.compile()
+  try:
+    with without_persistent_cache():
+      executable = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    needed = out_of_hbm_bytes(str(e))
+    if needed is None:
+      raise
+    return _out_of_hbm(needed, chip, time.perf_counter() - started)
   seconds = time.perf_counter() - started
   memory = parallel.backend.memory_stats(executable)
   # Per chip: the SPMD-partitioned program each chip runs.
@@ -212,6 +219,33 @@ def _program(lowered, chip: chips.Chip | None, num_chips: int, examples: int,
                   estimated_images_per_sec=examples / estimate if estimate else None,
                   bound='compute' if cost['flops'] / chip.peak_flops >=
                   cost['bytes_accessed'] / chip.hbm_bytes_per_sec else 'memory')
+  return record
+
+
+# The TPU compiler refuses a program that cannot fit: "RESOURCE_EXHAUSTED: ...
+# CompileTimeHbmOom: ... the total memory required for HLO temporaries (30.13G) exceeds
+# available HBM (15.75G)" (libtpu 0.0.50.1, vit_giant replicated on v5e).
+_OUT_OF_HBM = re.compile(r'CompileTimeHbmOom.*?required for [^(]*\(([\d.]+)([KMGT])\)', re.S)
+
+
+def out_of_hbm_bytes(message: str) -> int | None:
+  """The bytes a program the TPU compiler refused for want of HBM needs (at least: its
+  temporaries), read from the compiler's error; None for any other error."""
+  found = _OUT_OF_HBM.search(message)
+  if found is None:
+    return None
+  return int(float(found.group(1)) * 2**(10 * ' KMGT'.index(found.group(2))))
+
+
+def _out_of_hbm(needed: int, chip: chips.Chip | None, seconds: float) -> dict:
+  """A refused program's record: it does not fit, and has no cost or estimate."""
+  record = {'peak_bytes_per_chip': needed, 'temp_bytes_per_chip': needed,
+            'flops_per_chip': None, 'flops': None, 'bytes_accessed_per_chip': None,
+            'collective_bytes_per_chip': None, 'compile_seconds': round(seconds, 2),
+            'out_of_hbm': True, 'fits': False}
+  if chip is not None:
+    record.update(hbm_bytes_per_chip=chip.hbm_bytes, estimated_seconds=None,
+                  estimated_images_per_sec=None)
   return record
 
 
@@ -267,13 +301,19 @@ def table(result: dict) -> str:
            f'sharding {result["sharding"]}, population {result["population"]}',
            f'{"program":8} {"peak/chip":>11} {"HBM/chip":>10} {"fits":>5} {"GFLOP":>10} '
            f'{"GB moved":>9} {"est. s":>10} {"img/s":>10} {"compile s":>9}']
+  nan = float('nan')
   for name, p in result['programs'].items():
-    lines.append(f'{name:8} {_gib(p["peak_bytes_per_chip"]):>11} '
+    peak = _gib(p['peak_bytes_per_chip']) + ('+' if p.get('out_of_hbm') else '')
+    lines.append(f'{name:8} {peak:>11} '
                  f'{_gib(p.get("hbm_bytes_per_chip")):>10} {str(p.get("fits", "?")):>5} '
-                 f'{p["flops"] / 1e9:>10.1f} {p["bytes_accessed_per_chip"] / 1e9:>9.3f} '
-                 f'{p.get("estimated_seconds", float("nan")):>10.2e} '
-                 f'{p.get("estimated_images_per_sec") or float("nan"):>10.0f} '
+                 f'{(p["flops"] or nan) / 1e9:>10.1f} '
+                 f'{(p["bytes_accessed_per_chip"] or nan) / 1e9:>9.3f} '
+                 f'{p.get("estimated_seconds") or nan:>10.2e} '
+                 f'{p.get("estimated_images_per_sec") or nan:>10.0f} '
                  f'{p["compile_seconds"]:>9.1f}')
+  if any(p.get('out_of_hbm') for p in result['programs'].values()):
+    lines.append('+: the TPU compiler refused the program for want of HBM; it needs at least '
+                 'this much')
   return '\n'.join(lines)
 
 

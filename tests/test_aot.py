@@ -191,3 +191,36 @@ def test_a_population_too_big_for_the_chip_names_the_largest_that_fits():
                                         peak - 1, peak)
   assert largest == 3
 
+
+
+def test_a_program_the_tpu_compiler_refuses_for_want_of_hbm_does_not_fit():
+  """libtpu refuses to compile what cannot fit (vit_giant replicated on v5e): the candidate
+  or the run is reported as not fitting, with what it needs, not as a crash."""
+  import jax  # pylint: disable=import-outside-toplevel
+  message = ('RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total '
+             'memory required for HLO temporaries (30.13G) exceeds available HBM (15.75G).')
+
+  class Refused:
+    def compile(self):
+      raise jax.errors.JaxRuntimeError(message)
+
+  v5e = chips.by_device_kind('TPU v5 lite')
+  record = aot._program(Refused(), v5e, 8, 1024)  # pylint: disable=protected-access
+  assert record['fits'] is False and record['out_of_hbm'] is True
+  assert record['peak_bytes_per_chip'] == int(30.13 * 2**30) > v5e.hbm_bytes
+  assert record['estimated_seconds'] is None
+  assert layout_search.pick([{'sharding': 'replicated', 'estimated_step_seconds': None,
+                              'peak_bytes_per_chip': record['peak_bytes_per_chip']}],
+                            v5e.hbm_bytes, ranked=True) is None
+  lines = aot.table({'topology': 'v5e:2x4', 'num_chips': 8, 'device_kind': 'TPU v5 lite',
+                     'num_hosts': 1, 'model': 'vit_giant', 'batch_size': 1024,
+                     'sharding': 'replicated', 'population': 1,
+                     'programs': {'train': record}}).splitlines()
+  assert '30.13 GiB+' in lines[2] and 'False' in lines[2] and 'want of HBM' in lines[-1]
+
+  class Broken:
+    def compile(self):
+      raise jax.errors.JaxRuntimeError('INTERNAL: something else')
+
+  with pytest.raises(jax.errors.JaxRuntimeError, match='something else'):
+    aot._program(Broken(), v5e, 8, 1024)  # pylint: disable=protected-access
